@@ -1,0 +1,90 @@
+"""grok_torch.kernels: the Grok-1 MoE layer as fused Triton kernels, with a pure-PyTorch reference beside them.
+
+Public op (the model's MoE block calls this and nothing else):
+
+    out_TD, router_probs_TE, topk_ids_TK = fused_moe(x_TD, router_w_DE, w1_EDF, w3_EDF, w2_EFD, top_k=2, ...)
+
+Files:
+    reference.py    pure-PyTorch oracle: router, dequantisation, per-expert loop     (impl="torch")
+    routing.py      Triton: router + softmax + top-k, then expert grouping (2 launches)
+    grouped_gemm.py Triton: gathered grouped GEMM (GELU*up / gate epilogues), slot combine
+    ops.py          launch wrappers with shape checks, torch.autograd.Function, fused_moe_triton
+
+Implementation choice: impl="torch" | "triton" | "auto". "auto" is Triton when x is on CUDA and the
+reference elsewhere; the environment variable GROK_MOE_IMPL=torch|triton overrides "auto" (never an
+explicit impl). Triton is imported only when used, so this package imports without it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import moe_reference, route
+
+__all__ = ["fused_moe", "moe_reference", "route", "resolve_impl"]
+
+_IMPLS = ("torch", "triton")
+
+
+def resolve_impl(impl: str, x: torch.Tensor) -> str:
+    """Turn impl="auto" into "torch" or "triton" (GROK_MOE_IMPL wins over the device rule)."""
+    if impl == "auto":
+        env = os.environ.get("GROK_MOE_IMPL", "").strip().lower()
+        if env:
+            if env not in _IMPLS:
+                raise ValueError(f"GROK_MOE_IMPL must be one of {_IMPLS}, got {env!r}")
+            return env
+        return "triton" if x.is_cuda else "torch"
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    return impl
+
+
+def fused_moe(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    top_k: int = 2,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    renormalize: bool = False,
+    router_softcap: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+    expert_ids: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grok-1 MoE layer: fp32 router, top-k, `w2(gelu_tanh(w1 x) * w3 x)` per expert, gate-weighted sum.
+
+    Args:
+        x:          [T, D] float, the (unrounded fp32) pre-MoE RMSNorm output.
+        router_w:   [D, E] fp32 router weight.
+        w1, w3:     [E, D, F] gate (through GELU) and up projections, released [in, out] layout.
+        w2:         [E, F, D] down projection.
+        top_k:      experts per token (any k <= E).
+        scales:     (s1, s3, s2) bf16 [E, G, N] when the weights are int8: one scale per output column
+                    per group of K/G consecutive input rows (Grok-1: G=1 for w1/w3, G=8 for w2).
+        renormalize: divide the k gates by their sum (off in Grok-1).
+        router_softcap: c for c*tanh(logits/c) (Grok-2 style); None = off (Grok-1).
+        compute_dtype: dtype of the expert matmuls; None -> w1.dtype if floating else bf16.
+        expert_ids: [T, k] int, forced routing (parity tests); gates = router_probs at those ids.
+        impl:       "auto" | "torch" | "triton" (see module docstring).
+
+    Returns:
+        out [T, D] compute_dtype, router_probs [T, E] fp32, topk_ids [T, k] int64.
+    """
+    kwargs = dict(
+        top_k=top_k,
+        scales=scales,
+        renormalize=renormalize,
+        router_softcap=router_softcap,
+        compute_dtype=compute_dtype,
+        expert_ids=expert_ids,
+    )
+    if resolve_impl(impl, x) == "torch":
+        return moe_reference(x, router_w, w1, w3, w2, **kwargs)
+    from .ops import fused_moe_triton  # Triton only when asked for
+
+    return fused_moe_triton(x, router_w, w1, w3, w2, **kwargs)

@@ -1,0 +1,134 @@
+"""Pure-PyTorch MoE reference: the numerical oracle for every kernel in this package.
+
+Map (shape suffixes: T tokens, D model dim, F expert hidden dim, E experts, K top-k, G scale groups):
+
+    route(x_TD, router_w_DE)                  -> router_probs_TE (fp32), gates_TK (fp32), topk_ids_TK (int64)
+    dequantize(w_KN, scales_GN, compute_dtype) -> W_KN in compute_dtype (fp32: the exact product)
+    gelu_tanh(z, compute_dtype)               -> GELU, tanh approximation, constants rounded to compute_dtype
+    moe_reference(...)                        -> (out_TD, router_probs_TE, topk_ids_TK)
+
+It follows the official JAX code (xai-org/grok-1 model.py, see shared/grok1/SPEC.md section 3.3):
+fp32 router, softmax over all E, top-k with ties to the lower expert index, gates NOT renormalised,
+`w2(gelu_tanh(w1 x) * w3 x)` per expert, and the k expert outputs summed in slot order with the
+gate rounded to the compute dtype first. Each expert only sees its own tokens (never all experts
+for all tokens). Plain torch ops throughout, so autograd works through it unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["route", "dequantize", "gelu_tanh", "gelu_constants", "moe_reference", "resolve_compute_dtype"]
+
+
+def resolve_compute_dtype(w: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """None -> the weight dtype if it is floating, else bf16 (int8 weights dequantise to bf16 like the release)."""
+    if compute_dtype is not None:
+        return compute_dtype
+    return w.dtype if w.is_floating_point() else torch.bfloat16
+
+
+def gelu_constants(compute_dtype: torch.dtype) -> tuple[float, float]:
+    """sqrt(2/pi) and 0.044715 as the compute dtype holds them (JAX builds them in the input dtype)."""
+    c1 = torch.tensor(math.sqrt(2.0 / math.pi), dtype=compute_dtype).item()
+    c2 = torch.tensor(0.044715, dtype=compute_dtype).item()
+    return c1, c2
+
+
+def gelu_tanh(z: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """z * 0.5 * (1 + tanh(c1 * (z + c2 * z**3))), evaluated in z's dtype with constants rounded to compute_dtype."""
+    c1, c2 = gelu_constants(compute_dtype)
+    return z * 0.5 * (1.0 + torch.tanh(c1 * (z + c2 * z**3)))
+
+
+def route(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    top_k: int = 2,
+    *,
+    renormalize: bool = False,
+    router_softcap: float | None = None,
+    expert_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 router. Returns (router_probs [T, E] fp32, gates [T, K] fp32, topk_ids [T, K] int64).
+
+    Ties go to the lower expert index (jax.lax.top_k): a *stable* descending sort keeps equal
+    probabilities in index order, which torch.topk does not promise.
+    """
+    # fp32 on purpose (the official router); fp64 inputs stay fp64 so gradcheck can run through it.
+    acc = torch.promote_types(torch.promote_types(x.dtype, router_w.dtype), torch.float32)
+    logits = x.to(acc) @ router_w.to(acc)
+    if router_softcap:
+        logits = router_softcap * torch.tanh(logits / router_softcap)
+    probs = torch.softmax(logits, dim=-1)
+    if expert_ids is not None:
+        topk_ids = expert_ids.long()
+        gates = probs.gather(-1, topk_ids)
+    else:
+        gates, topk_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+        gates, topk_ids = gates[:, :top_k], topk_ids[:, :top_k]
+    if renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return probs, gates, topk_ids
+
+
+def dequantize(w: torch.Tensor, scales: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
+    """One expert's weight [K, N] (int8 with scales [G, N], or floating) as a compute_dtype matrix.
+
+    Scale row g covers the K/G consecutive input rows g*K/G ... (g+1)*K/G - 1 (SPEC section 5.3).
+    The int8 x bf16 product is exact in fp32; it is rounded once to the compute dtype (kept in fp32).
+    """
+    if scales is None:
+        return w.to(compute_dtype)
+    K, N = w.shape
+    G = scales.shape[-2]
+    w_full = (w.float().reshape(G, K // G, N) * scales.float()[:, None, :]).reshape(K, N)
+    return w_full if compute_dtype == torch.float32 else w_full.to(compute_dtype)  # fp32: the exact product
+
+
+def moe_reference(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    top_k: int = 2,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    renormalize: bool = False,
+    router_softcap: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+    expert_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MoE layer as a loop over experts. See the module docstring for the numerics."""
+    cd = resolve_compute_dtype(w1, compute_dtype)
+    T, D = x.shape
+    E = w1.shape[0]
+    probs, gates, topk_ids = route(
+        x, router_w, top_k, renormalize=renormalize, router_softcap=router_softcap, expert_ids=expert_ids
+    )
+    K = topk_ids.shape[1]
+    acc = torch.promote_types(cd, torch.float32)  # fp32 accumulation (fp64 stays fp64 for gradcheck)
+    s1, s3, s2 = scales if scales is not None else (None, None, None)
+
+    # One row per (token, slot); each expert fills the rows routed to it.
+    flat_ids = topk_ids.reshape(-1)
+    y = x.new_zeros(T * K, D, dtype=cd)
+    for e in range(E):
+        rows = (flat_ids == e).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue  # an expert without tokens never touches its weights
+        xe = x[rows // K].to(cd)
+        g = xe @ dequantize(w1[e], None if s1 is None else s1[e], cd)
+        u = xe @ dequantize(w3[e], None if s3 is None else s3[e], cd)
+        a = (gelu_tanh(g.to(acc), cd) * u.to(acc)).to(cd)
+        y = y.index_copy(0, rows, a @ dequantize(w2[e], None if s2 is None else s2[e], cd))
+
+    # Weighted sum over slots in slot order, gate rounded to the compute dtype first (official code).
+    y = y.view(T, K, D).to(acc)
+    g_TK = gates.to(cd).to(acc)
+    out = g_TK[:, 0:1] * y[:, 0]
+    for k in range(1, K):
+        out = out + g_TK[:, k : k + 1] * y[:, k]
+    return out.to(cd), probs, topk_ids

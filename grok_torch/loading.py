@@ -1,0 +1,150 @@
+"""Weights: how a stored matrix is held (``Weight``) and how a converted checkpoint is loaded.
+
+    Grok.from_pretrained(dir, dtype, device)
+      -> GrokConfig.from_json(dir/config.json)           the config travels with the weights
+      -> build Grok on the meta device                   no random init, no memory
+      -> for each safetensors shard: safe_open, check name/shape/dtype, cast only where needed
+      -> load_state_dict(assign=True)                    the loaded tensors ARE the parameters
+
+Layout is ``convert/weight_map.py``: matrices in the released ``[in, out]`` layout (``y = x @ w``),
+experts stacked; int8 checkpoints carry ``<name>.weight`` int8 + ``<name>.scales`` bf16 ``[*lead, G, out]``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from grok_torch.config import GrokConfig
+
+__all__ = ["Weight", "dequantize", "load_pretrained", "SUPPORTED_DTYPES"]
+
+# Activation dtypes the faithful model supports: bf16 (the release's fprop dtype) and fp32 (SPEC §8.1).
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def dequantize(weight: torch.Tensor, scales: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``[*lead, K, N]`` int8 with ``[*lead, G, N]`` scales -> ``dtype``; floating weights are just cast.
+
+    Scale row g covers input rows ``g*K/G .. (g+1)*K/G - 1`` (SPEC §5.3). int8 x bf16 is exact in
+    fp32, so fp32 mode gets the exact product and bf16 mode one rounding of it (= the official
+    ``w.astype(bf16) * scales``).
+    """
+    if scales is None:
+        return weight.to(dtype)
+    *lead, K, N = weight.shape
+    G = scales.shape[-2]
+    exact = weight.float().reshape(*lead, G, K // G, N) * scales.float().unsqueeze(-2)
+    return exact.reshape(weight.shape).to(dtype)
+
+
+class Weight(nn.Module):
+    """One stored matrix ``weight [*lead, in, out]`` and, when quantized, ``scales [*lead, G, out]`` (bf16)."""
+
+    def __init__(self, shape: Sequence[int], groups: int, quantized: bool, dtype: torch.dtype):
+        super().__init__()
+        shape = tuple(shape)
+        self.weight = nn.Parameter(torch.empty(shape, dtype=torch.int8 if quantized else dtype), requires_grad=False)
+        if quantized:
+            scales = torch.empty(*shape[:-2], groups, shape[-1], dtype=torch.bfloat16)
+            self.scales = nn.Parameter(scales, requires_grad=False)
+        else:
+            self.scales = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    def dequant(self, dtype: torch.dtype) -> torch.Tensor:
+        """The matrix in ``dtype`` (int8 is dequantized on the fly: the reference path)."""
+        return dequantize(self.weight, self.scales, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _shards(path: Path) -> Dict[str, str]:
+    """tensor name -> shard file, from model.safetensors.index.json or a single model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: str(path / shard) for name, shard in weight_map.items()}
+    single = path / "model.safetensors"
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {name: str(single) for name in f.keys()}
+    raise FileNotFoundError(f"{path}: no model.safetensors.index.json or model.safetensors (convert with grok-convert)")
+
+
+def _target_dtype(name: str, stored: torch.dtype, expected: torch.dtype) -> torch.dtype:
+    """The dtype a stored tensor is kept in. int8 stays int8 and scales stay bf16; floats follow the model."""
+    if expected == torch.int8 or stored == torch.int8:
+        if stored != expected:
+            raise ValueError(f"{name}: checkpoint holds {stored}, the model expects {expected} "
+                             "(config weight_format does not match the weights)")
+        return stored
+    if name.endswith(".scales"):
+        if stored != torch.bfloat16:
+            raise ValueError(f"{name}: scales must be bfloat16, checkpoint holds {stored}")
+        return stored
+    return expected
+
+
+def load_pretrained(
+    cls,
+    path: Union[str, os.PathLike],
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: Union[str, torch.device] = "cpu",
+    config: Optional[GrokConfig] = None,
+    impl: str = "auto",
+):
+    """Build ``cls`` (a Grok) from a grok-convert output directory. See ``Grok.from_pretrained``."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    file_cfg = GrokConfig.from_json(path / "config.json")
+    if config is None:
+        config = file_cfg
+    elif not config.same_architecture(file_cfg) or config.weight_format != file_cfg.weight_format:
+        diff = {k: (v, file_cfg.to_dict().get(k)) for k, v in config.to_dict().items()
+                if k != "name" and v != file_cfg.to_dict().get(k)}
+        raise ValueError(f"config does not match the checkpoint in {path}: "
+                         + ", ".join(f"{k}={a!r} (checkpoint: {b!r})" for k, (a, b) in diff.items()))
+
+    with torch.device("meta"):
+        model = cls(config, dtype=dtype, impl=impl)
+    expected = {name: t for name, t in model.state_dict().items()}
+    shards = _shards(path)
+    missing = sorted(set(expected) - set(shards))
+    unexpected = sorted(set(shards) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint tensors do not match the config "
+                         f"(missing: {missing[:8]}{'...' if len(missing) > 8 else ''}; "
+                         f"unexpected: {unexpected[:8]}{'...' if len(unexpected) > 8 else ''})")
+
+    from safetensors import safe_open
+
+    device = torch.device(device)
+    state: Dict[str, torch.Tensor] = {}
+    for shard in sorted(set(shards.values())):
+        with safe_open(shard, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                want = expected[name]
+                if tuple(t.shape) != tuple(want.shape):
+                    raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape "
+                                     f"{tuple(want.shape)} (config does not match the weights)")
+                state[name] = t.to(_target_dtype(name, t.dtype, want.dtype))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

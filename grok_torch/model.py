@@ -1,0 +1,265 @@
+"""Grok-1 in PyTorch: the forward pass of xai-org/grok-1 ``model.py``, op for op (SPEC §3).
+
+    tokens [B, T] -> embed * 78.5 -> 64 x DecoderLayer -> RMSNorm -> tied head * 0.578125 -> logits [B, T, V]
+
+    DecoderLayer (sandwich norms):  h += post_norm(attn(pre_norm(h)));  h += post_norm(moe(pre_norm(h)))
+
+Numerics (``dtype`` is the activation dtype: bf16 as released, or fp32 for the SPEC §8.1 variant):
+* Python scalars are cast to the activation dtype before use, as jit does (bf16: 78.5, 0.578125).
+* RMSNorm, RoPE, the router and the attention softmax are fp32. XLA deletes f32->bf16->f32 round
+  trips (SPEC §3.4), so wherever the official graph feeds an fp32 value through a bf16 cast into
+  another fp32 computation we keep the fp32 value (norm -> residual add, norm -> router).
+* Masked attention logits are -1e30 (not -inf): a query with every key masked (left padding)
+  attends uniformly to all keys, as the official code does.
+* Token id 0 is padding wherever it appears: it is masked as an attention key (never as a query),
+  and still goes through the MoE.
+
+Single device: no placement happens here (see loading.py for from_pretrained).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grok_torch.config import GrokConfig
+from grok_torch.loading import SUPPORTED_DTYPES, Weight, load_pretrained
+from grok_torch.moe import MoE
+
+__all__ = ["Grok", "KVCache", "RMSNorm", "Attention", "DecoderLayer", "apply_rope"]
+
+MASK_VALUE = -1e30  # official value; -inf would turn fully masked rows into NaN
+
+
+def as_dtype(c: float, dtype: torch.dtype) -> float:
+    """A Python constant as ``dtype`` holds it: jit turns ``bf16_array * 78.38`` into ``* 78.5`` (SPEC §3.1)."""
+    return torch.tensor(c, dtype=dtype).item()
+
+
+class RMSNorm(nn.Module):
+    """``scale * x * rsqrt(mean(x^2) + eps)`` in fp32, scale used as-is; returns fp32 (callers round)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, dtype=torch.float32), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def apply_rope(x: torch.Tensor, pos_BT: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate-half RoPE over the full head dim, fp32 math; x [B, T, H, dh], returns x's dtype."""
+    dh = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dh, 2, dtype=torch.float32, device=x.device) / dh))
+    phase = pos_BT.float()[:, :, None] * inv_freq            # [B, T, dh/2]
+    phase = torch.cat([phase, phase], dim=-1)[:, :, None, :]  # [f0..f_{dh/2-1}, f0..], one per head
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * phase.cos() + torch.cat([-x2, x1], dim=-1) * phase.sin()).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated per-layer K/V ``[B, S, Hkv, dh]`` plus which slots hold a real (non-pad) key.
+
+    ``pos[b]`` is the next write position of row b; rows advance independently, so prompts of
+    different lengths decode together (each at its own RoPE position, like the official runner).
+    """
+
+    def __init__(self, cfg: GrokConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model context max_seq_len={cfg.max_seq_len}")
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+class Attention(nn.Module):
+    """GQA attention with RoPE, fp32 scores * attn_output_multiplier, 30*tanh(s/30) cap, fp32 softmax."""
+
+    def __init__(self, cfg: GrokConfig, dtype: torch.dtype, quantized: bool):
+        super().__init__()
+        D, g = cfg.d_model, cfg.quant_groups
+        self.wq = Weight((D, cfg.q_size), g["wq"], quantized, dtype)
+        self.wk = Weight((D, cfg.kv_size), g["wk"], quantized, dtype)
+        self.wv = Weight((D, cfg.kv_size), g["wv"], quantized, dtype)
+        self.wo = Weight((cfg.q_size, D), g["wo"], quantized, dtype)
+        self.cfg, self.dtype = cfg, dtype
+
+    def forward(self, x: torch.Tensor, pos_BT: torch.Tensor, mask_BTS: torch.Tensor,
+                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        """x [B, T, D] (activation dtype) -> [B, T, D] after o_proj. mask_BTS: True = may attend."""
+        cfg, dt = self.cfg, self.dtype
+        B, T, _ = x.shape
+        Hq, Hkv, dh = cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
+        q = apply_rope((x @ self.wq.dequant(dt)).view(B, T, Hq, dh), pos_BT, cfg.rope_base)
+        k = apply_rope((x @ self.wk.dequant(dt)).view(B, T, Hkv, dh), pos_BT, cfg.rope_base)
+        v = (x @ self.wv.dequant(dt)).view(B, T, Hkv, dh)
+        if cache is not None:
+            rows = torch.arange(B, device=x.device)[:, None]
+            cache.k[layer][rows, pos_BT] = k
+            cache.v[layer][rows, pos_BT] = v
+            S = mask_BTS.shape[-1]  # only the filled prefix of the cache takes part
+            k, v = cache.k[layer][:, :S], cache.v[layer][:, :S]
+        # q head h uses kv head h // (Hq/Hkv): group consecutive q heads per kv head
+        q = q.view(B, T, Hkv, Hq // Hkv, dh)
+        s = torch.einsum("btkgd,bskd->bkgts", q, k).float() * cfg.attn_output_multiplier
+        s = cfg.attn_logit_cap * torch.tanh(s / cfg.attn_logit_cap)
+        s = s.masked_fill(~mask_BTS[:, None, None], MASK_VALUE)
+        p = torch.softmax(s, dim=-1).to(dt)
+        o = torch.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, Hq * dh)
+        return o @ self.wo.dequant(dt)
+
+
+class DecoderLayer(nn.Module):
+    """Sandwich-normed attention and MoE sublayers (4 RMSNorms, names as in weight_map.py)."""
+
+    def __init__(self, cfg: GrokConfig, dtype: torch.dtype, quantized: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, dtype, quantized)
+        self.attn_post_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.moe_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.moe = MoE(cfg, dtype, quantized)
+        self.moe_post_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.dtype = dtype
+
+    def forward(self, h: torch.Tensor, pos_BT: torch.Tensor, mask_BTS: torch.Tensor,
+                cache: Optional[KVCache] = None, layer: int = 0,
+                expert_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h [B, T, D] residual stream -> new residual stream. expert_ids [B, T, k] forces routing."""
+        dt = self.dtype
+        B, T, D = h.shape
+        a = self.attn(self.attn_norm(h).to(dt), pos_BT, mask_BTS, cache, layer)
+        # the fp32 post-norm output meets the residual in fp32 (XLA drops the bf16 round trip)
+        h = (h.float() + self.attn_post_norm(a)).to(dt)
+        m_in = self.moe_norm(h).view(B * T, D)  # fp32: the router consumes the unrounded norm output
+        ids = None if expert_ids is None else expert_ids.reshape(B * T, -1)
+        m, _, _ = self.moe(m_in, ids)
+        return (h.float() + self.moe_post_norm(m.view(B, T, D))).to(dt)
+
+
+class Grok(nn.Module):
+    """Grok-1. ``model(tokens)`` -> logits ``[B, T, V]`` in the activation dtype.
+
+    ``dtype``: activation dtype, torch.bfloat16 (as released) or torch.float32 (exact fp32 path).
+    ``impl``: MoE kernel choice passed to ``grok_torch.kernels.fused_moe`` ("auto" | "torch" | "triton").
+    """
+
+    def __init__(self, config: GrokConfig, dtype: torch.dtype = torch.bfloat16, impl: str = "auto"):
+        super().__init__()
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+        for field in ("residual_mlp_size", "attn_temperature_len"):
+            if getattr(config, field):
+                raise NotImplementedError(f"config.{field}={getattr(config, field)} (a Grok-2 feature) is not implemented")
+        if not config.tie_word_embeddings:
+            raise NotImplementedError("config.tie_word_embeddings=False (an untied head) is not implemented")
+        self.config, self.dtype = config, dtype
+        quantized = config.weight_format == "int8"
+        # the embedding is stored fp32 in the release; fp32 mode needs it exact, bf16 mode only bf(E)
+        self.embed = nn.Module()
+        self.embed.weight = nn.Parameter(torch.empty(config.vocab_size, config.d_model, dtype=dtype), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, quantized) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.impl = impl
+
+    # ---- construction ----
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16,
+                        device: Union[str, torch.device] = "cpu", config: Optional[GrokConfig] = None,
+                        impl: str = "auto") -> "Grok":
+        """Load a grok-convert output directory (config.json + safetensors) without a second copy.
+
+        The model is built on the meta device and the loaded tensors become its parameters.
+        ``config`` (optional) must match the checkpoint's config.json, else a ValueError names the fields.
+        """
+        return load_pretrained(cls, path, dtype=dtype, device=device, config=config, impl=impl)
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        """One switch for every MoE block's kernel implementation."""
+        if value not in ("auto", "torch", "triton"):
+            raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {value!r}")
+        self._impl = value
+        for layer in self.layers:
+            layer.moe.impl = value
+
+    def new_cache(self, batch: int, max_len: Optional[int] = None) -> KVCache:
+        """A zeroed KV cache on the model's device (default length: the model context)."""
+        return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.dtype, self.embed.weight.device)
+
+    # ---- forward ----
+    def _check_tokens(self, tokens: torch.Tensor, cache: Optional[KVCache]) -> None:
+        cfg = self.config
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError(f"tokens must be a [batch, seq] tensor, got {getattr(tokens, 'shape', type(tokens))}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
+            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= cfg.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} is out of range [0, vocab_size={cfg.vocab_size})")
+        T = tokens.shape[1]
+        if cache is None and T > cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model context max_seq_len={cfg.max_seq_len}")
+        if cache is not None:
+            if cache.k.shape[1] != tokens.shape[0]:
+                raise ValueError(f"cache batch {cache.k.shape[1]} != tokens batch {tokens.shape[0]}")
+            end = int(cache.pos.max()) + T
+            if end > cache.max_len:
+                raise ValueError(f"cache overflow: positions up to {end} but the cache holds {cache.max_len}")
+
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
+                expert_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, T] int -> logits [B, T, V] (activation dtype).
+
+        cache: decode/prefill through a KVCache; tokens are written at ``cache.pos`` and it advances by T.
+        expert_ids: [B, L, T, k] forces every layer's expert choice (parity tests, debugging).
+        """
+        self._check_tokens(tokens, cache)
+        cfg, dt = self.config, self.dtype
+        B, T = tokens.shape
+        dev = tokens.device
+        tokens = tokens.long()
+        valid_BT = tokens != cfg.pad_token_id
+        if cache is None:
+            pos_BT = torch.arange(T, device=dev).expand(B, T)
+            key_valid, S = valid_BT, T
+        else:
+            pos_BT = cache.pos[:, None] + torch.arange(T, device=dev)
+            cache.key_valid[torch.arange(B, device=dev)[:, None], pos_BT] = valid_BT
+            S = int(pos_BT.max()) + 1
+            key_valid = cache.key_valid[:, :S]
+        causal = torch.arange(S, device=dev)[None, None, :] <= pos_BT[:, :, None]
+        mask_BTS = key_valid[:, None, :] & causal
+
+        h = self.embed.weight[tokens].to(dt) * as_dtype(cfg.embedding_multiplier, dt)
+        for i, layer in enumerate(self.layers):
+            ids = None if expert_ids is None else expert_ids[:, i]
+            h = layer(h, pos_BT, mask_BTS, cache, i, ids)
+        if cache is not None:
+            cache.pos += T
+        return self.head(self.norm(h).to(dt))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Tied LM head: ``(x @ E^T) * output_multiplier`` (+ optional Grok-2 final softcap)."""
+        cfg, dt = self.config, self.dtype
+        logits = (x @ self.embed.weight.to(dt).T) * as_dtype(cfg.output_multiplier, dt)
+        if cfg.final_logit_softcap:
+            cap = cfg.final_logit_softcap
+            logits = (cap * torch.tanh(logits.float() / cap)).to(dt)
+        return logits

@@ -1,0 +1,73 @@
+"""The Grok-1 MoE block: fp32 router + top-k experts, all expert math in ``grok_torch.kernels.fused_moe``.
+
+Legend (shape suffixes): T tokens, D d_model, F expert hidden size, E experts, K experts per token,
+G scale groups along the contracting dim.
+
+    x_TD (fp32, unrounded pre-MoE RMSNorm output)
+      -> fused_moe(x_TD, router_DE, w1_EDF, w3_EDF, w2_EFD, scales=(s1_EGF, s3_EGF, s2_EGD))
+      -> out_TD (activation dtype), router_probs_TE (fp32), topk_ids_TK (int64)
+
+Why the router sees fp32: XLA removes the f32->bf16->f32 round trip between ``rms_norm_2`` and the
+router, so the official router consumes the fp32 norm output (SPEC §3.4; the bf16 value shifts
+probabilities by up to 2.4e-3). The kernel layer groups tokens by expert: no expert ever
+computes tokens that were not routed to it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from grok_torch.config import GrokConfig
+from grok_torch.loading import Weight
+
+__all__ = ["MoE", "Router"]
+
+
+class Router(nn.Module):
+    """The router matrix ``[D, E]``; always fp32 (released fp32, and routing is precision-sensitive)."""
+
+    def __init__(self, d_model: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_model, num_experts, dtype=torch.float32), requires_grad=False)
+
+
+class MoE(nn.Module):
+    """Router + stacked experts ``out = w2(gelu_tanh(w1 x) * w3 x)`` with un-renormalised top-k gates.
+
+    ``impl`` ("auto" | "torch" | "triton") is passed straight to the kernel layer; the model sets it
+    from one switch (``Grok.impl``).
+    """
+
+    def __init__(self, cfg: GrokConfig, dtype: torch.dtype, quantized: bool):
+        super().__init__()
+        D, F, E = cfg.d_model, cfg.ffn_size, cfg.num_experts
+        g = cfg.quant_groups
+        self.router = Router(D, E)
+        self.w1 = Weight((E, D, F), g["w1"], quantized, dtype)   # gate proj, goes through GELU
+        self.w3 = Weight((E, D, F), g["w3"], quantized, dtype)   # up proj, linear
+        self.w2 = Weight((E, F, D), g["w2"], quantized, dtype)   # down proj
+        self.top_k = cfg.num_experts_per_tok
+        self.renormalize = cfg.renormalize_gates
+        self.router_softcap = cfg.router_logit_softcap
+        self.dtype = dtype
+        self.impl = "auto"
+
+    def forward(
+        self, x_TD: torch.Tensor, expert_ids_TK: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_TD: fp32 [T, D]. expert_ids_TK forces the routing (gates are the probs at those ids).
+
+        Returns (out_TD in the activation dtype, router_probs_TE fp32, topk_ids_TK int64).
+        """
+        from grok_torch.kernels import fused_moe  # imported late: the model module stays importable alone
+
+        ws = (self.w1, self.w3, self.w2)
+        scales = tuple(w.scales for w in ws) if self.w1.quantized else None
+        return fused_moe(
+            x_TD, self.router.weight, self.w1.weight, self.w3.weight, self.w2.weight,
+            top_k=self.top_k, scales=scales, renormalize=self.renormalize,
+            router_softcap=self.router_softcap, compute_dtype=self.dtype,
+            expert_ids=expert_ids_TK, impl=self.impl,
+        )

@@ -1,0 +1,595 @@
+"""grok-convert: the official Grok-1 ``ckpt-0`` checkpoint -> safetensors shards, JAX-free and streaming.
+
+Pipeline (``convert_checkpoint``):
+
+1. find ``ckpt-0/``, check every expected ``tensorNNNNN_000`` exists (one error lists all missing);
+2. read every file's pickle *metadata* with the allow-listed reader (no payload is loaded), detect
+   or load the config, and check each tensor's shape/dtype against it -- all before writing, so a
+   bad file never leaves output behind;
+3. plan the output tensors (names from ``weight_map``) and pack them into shards;
+4. write shards in parallel (one per worker), each streamed in bounded chunks to
+   ``<shard>.partial`` while hashing, renamed when complete; progress is recorded so ``--resume``
+   skips finished shards;
+5. write ``config.json``, the tokenizer, the record ``grok_convert.json`` and, last,
+   ``model.safetensors.index.json``.
+
+Dequantization is the official one (SPEC §5.3): ``W[k, n] = weight[k, n] * scales[k // (K/G), n]``,
+exact in fp32 (``--dtype fp32``), then one rounding to bf16 (``--dtype bf16``). ``--dtype int8``
+copies the released int8 weights and bf16 scales byte for byte.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from grok_torch.config import CONFIGS, GrokConfig
+from grok_torch.convert.grok_pickle import ArrayRef, CheckpointError, QuantizedRef, TensorRef, read_tensor_file
+from grok_torch.convert.safetensors_io import OutTensor, Shard, plan_shards, read_header
+from grok_torch.convert.weight_map import ParamSpec, num_tensors, param_order
+
+INDEX_FILE = "model.safetensors.index.json"
+RECORD_FILE = "grok_convert.json"
+STATE_FILE = ".grok-convert-state.json"
+DTYPE_NAMES = {"int8": "int8", "bf16": "bfloat16", "fp32": "float32"}
+_TORCH = {"int8": torch.int8, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_OUR_FILES = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors(\.partial)?|model\.safetensors\.index\.json|"
+                        r"config\.json|tokenizer\.model|grok_convert\.json|\.grok-convert-state\.json)$")
+# Test-only fault injection: SIGKILL ourselves once this many bytes were written (resume tests).
+_FAULT_ENV = "GROK_CONVERT_FAULT_AFTER_BYTES"
+
+
+class ConvertError(RuntimeError):
+    """A conversion that cannot proceed; the message names the file/tensor/option and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+def parse_size(s: Union[str, int]) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500*2**20, 1234 -> 1234."""
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*", str(s))
+    if not m:
+        raise ValueError(f"cannot parse size {s!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+    num, unit = float(m.group(1)), (m.group(2) or "B").upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    return int(num * base ** power)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"
+
+
+def find_ckpt_dir(src: "str | os.PathLike") -> Path:
+    """SRC is the directory holding ``ckpt-0/`` or ``ckpt-0/`` itself."""
+    p = Path(src)
+    if (p / "ckpt-0").is_dir():
+        return p / "ckpt-0"
+    if (p / "tensor00000_000").exists():
+        return p
+    if not p.exists():
+        raise ConvertError(f"source {p} does not exist")
+    raise ConvertError(f"{p} holds neither ckpt-0/ nor tensor00000_000: pass the directory that contains "
+                       "ckpt-0/ (the official release's checkpoints/) or ckpt-0/ itself")
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _file_sha256(path: Path, bufsize: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(bufsize)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(mv[:n])
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking the source
+# ---------------------------------------------------------------------------------------------
+def _detect_config(ckpt: Path, refs: Dict[int, TensorRef], n_files: int) -> GrokConfig:
+    for name in CONFIGS:
+        cfg = GrokConfig.from_name(name)
+        if num_tensors(cfg) != n_files:
+            continue
+        specs = param_order(cfg)[:14]
+        if all(_check(s, _ref(ckpt, refs, s.index)) is None for s in specs):
+            return cfg
+    emb = _ref(ckpt, refs, 0)
+    shape = emb.shape if isinstance(emb, ArrayRef) else "?"
+    raise ConvertError(f"{ckpt}: {n_files} tensor files, embedding {shape}: this matches no named config "
+                       f"({', '.join(CONFIGS)}); pass --config PATH.json describing the model")
+
+
+def _ref(ckpt: Path, refs: Dict[int, TensorRef], i: int) -> TensorRef:
+    if i not in refs:
+        refs[i] = read_tensor_file(ckpt / f"tensor{i:05d}_000")
+    return refs[i]
+
+
+def _check(spec: ParamSpec, ref: TensorRef) -> Optional[str]:
+    """None when ``ref`` is what ``spec`` expects, else a description of the mismatch."""
+    if spec.quantized:
+        exp = f"QuantizedWeight8bit(int8 weight {list(spec.shape)}, bfloat16 scales {list(spec.scales_shape)})"
+        if not isinstance(ref, QuantizedRef):
+            return f"expected {exp}, found a plain {ref.dtype} array {list(ref.shape)}"
+        w, s = ref.weight, ref.scales
+        if (w.dtype, w.shape, s.dtype, s.shape) != ("int8", spec.shape, "bfloat16", spec.scales_shape):
+            return (f"expected {exp}, found QuantizedWeight8bit({w.dtype} weight {list(w.shape)}, "
+                    f"{s.dtype} scales {list(s.shape)})")
+        return None
+    if not isinstance(ref, ArrayRef):
+        return f"expected a float32 array {list(spec.shape)}, found a QuantizedWeight8bit"
+    if (ref.dtype, ref.shape) != ("float32", spec.shape):
+        return f"expected a float32 array {list(spec.shape)}, found {ref.dtype} {list(ref.shape)}"
+    return None
+
+
+def read_source(ckpt: Path, config: Union[None, str, GrokConfig]):
+    """Check the source against the config; returns (config, specs, refs). Raises before any output exists."""
+    present = {int(m.group(1)) for m in (re.fullmatch(r"tensor(\d{5})_000", p.name) for p in ckpt.iterdir()) if m}
+    if not present:
+        raise ConvertError(f"{ckpt}: no tensorNNNNN_000 files")
+    refs: Dict[int, TensorRef] = {}
+    if config is None:
+        n_files = max(present) + 1
+        if 0 not in present:
+            raise ConvertError(f"{ckpt}: tensor00000_000 (language_model/in_out_embed/embeddings) is missing")
+        cfg = _detect_config(ckpt, refs, n_files)
+    else:
+        cfg = config if isinstance(config, GrokConfig) else GrokConfig.load(config)
+    specs = param_order(cfg)
+    missing = [s for s in specs if s.index not in present]
+    if missing:
+        listing = "\n".join(f"  {s.file}  {s.path}" for s in missing)
+        raise ConvertError(f"{ckpt}: {len(missing)} of {len(specs)} tensor files are missing:\n{listing}")
+    extra = sorted(present - {s.index for s in specs})
+    if extra:
+        raise ConvertError(f"{ckpt}: files tensor{extra[0]:05d}_000 ... ({len(extra)} extra) do not belong to "
+                           f"config {cfg.name!r} ({len(specs)} tensors); wrong --config?")
+    for s in specs:
+        try:
+            ref = _ref(ckpt, refs, s.index)
+        except CheckpointError as e:
+            raise type(e)(f"{e} [parameter {s.path}]") from None
+        problem = _check(s, ref)
+        if problem:
+            raise ConvertError(f"{ckpt / s.file} ({s.path}): {problem} for config {cfg.name!r}")
+    return cfg, specs, refs
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning and streaming one tensor
+# ---------------------------------------------------------------------------------------------
+def plan_tensors(specs: Sequence[ParamSpec], dtype: str, plain_dtype: str) -> List[OutTensor]:
+    out = []
+    for s in specs:
+        if s.quantized and dtype == "int8":
+            out.append(OutTensor(f"{s.torch_name}.weight", "int8", s.shape, s.index, "weight"))
+            out.append(OutTensor(f"{s.torch_name}.scales", "bfloat16", s.scales_shape, s.index, "scales"))
+        elif s.quantized:
+            out.append(OutTensor(f"{s.torch_name}.weight", DTYPE_NAMES[dtype], s.shape, s.index, "weight"))
+        else:
+            out.append(OutTensor(f"{s.torch_name}.weight", DTYPE_NAMES[plain_dtype], s.shape, s.index, "array"))
+    return out
+
+
+def _open(a: ArrayRef):
+    """(file object, offset of the array's first byte): small arrays were kept inline by the reader."""
+    if a.offset < 0:
+        return io.BytesIO(a.data), 0
+    return open(a.file, "rb", buffering=0), a.offset
+
+
+def _copy_chunks(a: ArrayRef, chunk: int) -> Iterator[memoryview]:
+    buf = bytearray(max(1, min(chunk, a.nbytes)))
+    mv = memoryview(buf)
+    f, base = _open(a)
+    with f:
+        f.seek(base)
+        left = a.nbytes
+        while left:
+            n = f.readinto(mv[:min(left, len(buf))])
+            if not n:
+                raise CheckpointError(f"{a.file}: truncated while reading: {left} bytes of the tensor missing")
+            left -= n
+            yield mv[:n]
+
+
+def _cast_chunks(a: ArrayRef, to: str, chunk: int) -> Iterator[memoryview]:
+    """fp32 array -> bf16, chunked (only when --plain-dtype bf16)."""
+    for piece in _copy_chunks(a, chunk - chunk % 4):
+        t = torch.frombuffer(piece, dtype=torch.float32).to(_TORCH[to])
+        yield memoryview(t.view(torch.uint8).numpy())
+
+
+def _dequant_chunks(q: QuantizedRef, to: str, chunk_elems: int) -> Iterator[memoryview]:
+    """Dequantize as the official code: exact fp32 products weight*scale per K-group, then one rounding.
+
+    Processes whole (lead, group) blocks of K/G rows at a time when they fit in ``chunk_elems``,
+    else row slices of one block, so memory stays bounded for any tensor size.
+    """
+    w, s = q.weight, q.scales
+    *lead, K, N = w.shape
+    G = s.shape[-2]
+    L = 1
+    for d in lead:
+        L *= d
+    gk = K // G
+    scales = torch.frombuffer(bytearray(s.read()), dtype=torch.bfloat16).float().view(L * G, 1, N)
+    buf32 = torch.empty(max(min(chunk_elems, L * K * N), N), dtype=torch.float32)
+    buf16 = torch.empty_like(buf32, dtype=torch.bfloat16) if to == "bfloat16" else None
+    raw = bytearray(buf32.numel())
+    block = gk * N
+    if block <= chunk_elems:
+        per = max(1, chunk_elems // block)
+        pieces = [(b, min(per, L * G - b), 0, gk) for b in range(0, L * G, per)]
+    else:
+        rows = max(1, chunk_elems // N)
+        pieces = [(b, 1, r, min(rows, gk - r)) for b in range(L * G) for r in range(0, gk, rows)]
+    f, base = _open(w)
+    with f:
+        for b0, nb, r0, nr in pieces:
+            n = nb * nr * N
+            start = base + (b0 * gk + r0) * N
+            f.seek(start)
+            got = f.readinto(memoryview(raw)[:n])
+            if got != n:
+                raise CheckpointError(f"{w.file}: truncated while reading: wanted {n} bytes at {start}, got {got}")
+            wi8 = torch.frombuffer(raw, dtype=torch.int8, count=n).view(nb, nr, N)
+            out32 = buf32[:n].view(nb, nr, N)
+            torch.mul(wi8, scales[b0:b0 + nb], out=out32)      # int8 * bf16 is exact in fp32
+            if buf16 is None:
+                yield memoryview(out32.view(-1).view(torch.uint8).numpy())
+            else:
+                out16 = buf16[:n]
+                out16.copy_(out32.view(-1))                      # the one rounding, to nearest even
+                yield memoryview(out16.view(torch.uint8).numpy())
+
+
+def tensor_chunks(t: OutTensor, ref: TensorRef, chunk_bytes: int) -> Iterator[memoryview]:
+    """The bytes of output tensor ``t`` from its source ``ref``, in chunks of bounded size."""
+    if t.part == "scales":
+        assert isinstance(ref, QuantizedRef)
+        yield from _copy_chunks(ref.scales, chunk_bytes)
+    elif t.part == "weight" and t.dtype == "int8":
+        assert isinstance(ref, QuantizedRef)
+        yield from _copy_chunks(ref.weight, chunk_bytes)
+    elif t.part == "weight":
+        assert isinstance(ref, QuantizedRef)
+        yield from _dequant_chunks(ref, t.dtype, max(1, chunk_bytes // 4))
+    elif t.dtype == "float32":
+        assert isinstance(ref, ArrayRef)
+        yield from _copy_chunks(ref, chunk_bytes)
+    else:
+        assert isinstance(ref, ArrayRef)
+        yield from _cast_chunks(ref, t.dtype, chunk_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing shards
+# ---------------------------------------------------------------------------------------------
+class _Progress:
+    def __init__(self, total: int, initial: int, quiet: bool):
+        self.lock = threading.Lock()
+        self.done = initial
+        self.fault_after = int(os.environ.get(_FAULT_ENV, "0") or 0)
+        self.bar = None
+        if not quiet:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc="grok-convert", dynamic_ncols=True)
+
+    def __call__(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            if self.bar is not None:
+                self.bar.update(n)
+            if self.fault_after and self.done >= self.fault_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write_shard(out: Path, shard: Shard, refs: Dict[int, TensorRef], chunk_bytes: int,
+                 progress: Callable[[int], None], stop: threading.Event) -> dict:
+    final = out / shard.file
+    tmp = out / (shard.file + ".partial")
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            header = shard.header()
+            f.write(header)
+            h.update(header)
+            progress(len(header))
+            for t in shard.tensors:
+                written = 0
+                for piece in tensor_chunks(t, refs[t.source_index], chunk_bytes):
+                    if stop.is_set():
+                        raise ConvertError("stopped")
+                    f.write(piece)
+                    h.update(piece)
+                    written += len(piece)
+                    progress(len(piece))
+                if written != t.nbytes:
+                    raise ConvertError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
+        os.replace(tmp, final)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConvertError(f"disk full while writing {final}: {e.strerror}. Free at least "
+                               f"{human(shard.size)} and rerun with --resume (finished shards are kept)") from None
+        raise ConvertError(f"writing {final} failed: {e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"file": shard.file, "size": final.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _find_tokenizer(ckpt: Path, given: Optional[str], vocab_size: int, log) -> Optional[Path]:
+    if given:
+        p = Path(given)
+        if not p.is_file():
+            raise ConvertError(f"--tokenizer {p}: no such file")
+        n = _tokenizer_size(p)
+        if n != vocab_size:
+            raise ConvertError(f"--tokenizer {p} has {n} pieces but the model's vocab_size is {vocab_size}")
+        return p
+    for cand in (ckpt.parent / "tokenizer.model", ckpt.parent.parent / "tokenizer.model"):
+        if cand.is_file():
+            n = _tokenizer_size(cand)
+            if n == vocab_size:
+                return cand
+            log(f"not copying {cand}: {n} pieces, the model's vocab_size is {vocab_size}")
+    return None
+
+
+def _tokenizer_size(p: Path) -> int:
+    import sentencepiece as spm
+    try:
+        return spm.SentencePieceProcessor(model_file=str(p)).get_piece_size()
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError variants
+        raise ConvertError(f"{p}: not a SentencePiece model ({e})") from None
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool, plan_key: str) -> Dict[str, dict]:
+    """Returns the shards already finished (resume) after checking OUT may be written."""
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_FILE
+    entries = [p for p in out.iterdir()]
+    if resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state.get("plan_key") != plan_key:
+            raise ConvertError(f"{out} holds an interrupted conversion with different source, options or config; "
+                               "rerun with the same arguments, or with --overwrite to start again")
+        for p in out.glob("*.partial"):
+            p.unlink()
+        return {f: r for f, r in state["done"].items()
+                if (out / f).exists() and (out / f).stat().st_size == r["size"]}
+    if resume and (out / INDEX_FILE).exists():
+        raise ConvertError(f"{out} already holds a finished conversion (nothing to resume); "
+                           "use `grok-convert verify` to check it, or --overwrite to convert again")
+    if entries and not overwrite:
+        hint = " (no interrupted conversion to resume there)" if resume else ""
+        raise ConvertError(f"{out} is not empty{hint}; pass --resume to continue an interrupted conversion, "
+                           "--overwrite to replace a previous one, or choose an empty directory")
+    if overwrite:
+        for p in entries:
+            if p.is_file() and _OUR_FILES.match(p.name):
+                p.unlink()
+    return {}
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    config: GrokConfig
+    shards: List[dict]
+    total_size: int
+
+
+@torch.inference_mode()
+def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dtype: str = "int8",
+                       config: Union[None, str, GrokConfig] = None, shard_size: Union[str, int] = "5GB",
+                       workers: Optional[int] = None, tokenizer: Optional[str] = None, resume: bool = False,
+                       overwrite: bool = False, quiet: bool = False, plain_dtype: str = "fp32",
+                       chunk_size: Union[str, int] = "64MiB") -> ConvertResult:
+    """Convert an official Grok-1 checkpoint to safetensors shards in ``out``.
+
+    Args:
+        src: the directory holding ``ckpt-0/`` (the release's ``checkpoints/``) or ``ckpt-0/`` itself.
+        out: output directory; must be empty unless ``resume`` or ``overwrite``.
+        dtype: ``int8`` keeps the released int8 weights + bf16 scales byte for byte; ``bf16``
+            dequantizes as the official code (one rounding); ``fp32`` holds the exact products.
+        config: ``None`` detects a named config from the shapes; a name (``grok-1``, ``tiny``),
+            a JSON path or a ``GrokConfig`` otherwise.
+        shard_size: data bytes per shard ("5GB"); a larger tensor gets a shard of its own.
+        workers: shards written in parallel (default: min(4, cpus)); memory is one chunk per worker.
+        tokenizer: a SentencePiece ``tokenizer.model`` to copy; by default one next to ``src``
+            is copied when its size matches the vocabulary.
+        resume: finish an interrupted conversion into ``out`` (same arguments); the result is
+            byte-identical to an uninterrupted run.
+        overwrite: replace an earlier conversion in ``out`` (only files grok-convert writes are removed).
+        plain_dtype: ``fp32`` (default) or ``bf16`` for the embedding, norms and routers.
+        chunk_size: bytes read per step of one tensor.
+    """
+    if dtype not in DTYPE_NAMES:
+        raise ConvertError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    if plain_dtype not in ("fp32", "bf16"):
+        raise ConvertError(f"--plain-dtype must be fp32 or bf16, got {plain_dtype!r}")
+    log = (lambda msg: None) if quiet else (lambda msg: print(f"grok-convert: {msg}", flush=True))
+    out = Path(out)
+    ckpt = find_ckpt_dir(src)
+    cfg, specs, refs = read_source(ckpt, config)
+    cfg = cfg.replace(weight_format=dtype)
+    tok = _find_tokenizer(ckpt, tokenizer, cfg.vocab_size, log)
+    shards = plan_shards(plan_tensors(specs, dtype, plain_dtype), parse_size(shard_size))
+    source_files = [{"name": s.file, "size": (ckpt / s.file).stat().st_size} for s in specs]
+    options = {"dtype": dtype, "plain_dtype": plain_dtype, "shard_size": parse_size(shard_size)}
+    plan_key = hashlib.sha256(json.dumps([options, cfg.to_dict(), source_files], sort_keys=True).encode()).hexdigest()
+
+    done = _prepare_out(out, resume, overwrite, plan_key)
+    todo = [s for s in shards if s.file not in done]
+    need = sum(s.size for s in todo)
+    free = _free_bytes(out)
+    if need > free:
+        raise ConvertError(f"not enough disk space in {out}: the conversion needs {human(need)} more, "
+                           f"{human(free)} are free")
+    total = sum(s.size for s in shards)
+    log(f"{ckpt}: config {cfg.name!r}, {len(specs)} tensors -> {len(shards)} shard(s), {human(total)} as {dtype}"
+        + (f"; resuming, {len(done)} shard(s) already written" if done else ""))
+    state = {"plan_key": plan_key, "done": dict(done)}
+    _write_json_atomic(out / STATE_FILE, state)
+
+    nworkers = max(1, workers if workers else min(4, os.cpu_count() or 1))
+    progress = _Progress(total, sum(done[f]["size"] for f in done), quiet)
+    stop = threading.Event()
+    lock = threading.Lock()
+    chunk = parse_size(chunk_size)
+
+    def job(shard: Shard) -> None:
+        rec = _write_shard(out, shard, refs, chunk, progress, stop)
+        with lock:
+            state["done"][shard.file] = rec
+            _write_json_atomic(out / STATE_FILE, state)
+
+    try:
+        with ThreadPoolExecutor(max_workers=nworkers) as pool:
+            futures = [pool.submit(job, s) for s in todo]
+            finished, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in finished if f.exception() is not None]
+            if failed:
+                stop.set()
+                for f in pending:
+                    f.cancel()
+                wait(pending)
+                raise failed[0].exception()
+    finally:
+        progress.close()
+
+    records = [state["done"][s.file] for s in shards]
+    cfg.to_json(out / "config.json")
+    if tok is not None:
+        shutil.copyfile(tok, out / "tokenizer.model")
+    _write_json_atomic(out / RECORD_FILE, {
+        "format_version": 1,
+        "converter": "grok_torch.convert",
+        "source": {"files": source_files},
+        "options": options,
+        "config_name": cfg.name,
+        "shards": records,
+    })
+    weight_map = {t.name: s.file for s in shards for t in s.tensors}
+    total_size = sum(s.data_bytes for s in shards)
+    _write_json_atomic(out / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    (out / STATE_FILE).unlink()
+    log(f"wrote {len(shards)} shard(s), {human(total)} to {out}")
+    return ConvertResult(out, cfg, records, total_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------------------------
+def verify_conversion(out: "str | os.PathLike", src: "str | os.PathLike | None" = None, *,
+                      quiet: bool = False) -> List[str]:
+    """Re-hash every shard against the record; with ``src``, also check the source files and re-derive
+    every tensor from them. Returns the list of problems (empty = verified)."""
+    out = Path(out)
+    rec_path = out / RECORD_FILE
+    if not rec_path.exists():
+        raise ConvertError(f"{out}: no {RECORD_FILE}; is this a finished grok-convert output?")
+    record = json.loads(rec_path.read_text())
+    problems: List[str] = []
+    say = (lambda m: None) if quiet else (lambda m: print(f"grok-convert verify: {m}", flush=True))
+    index = json.loads((out / INDEX_FILE).read_text()) if (out / INDEX_FILE).exists() else None
+    if index is None:
+        problems.append(f"{INDEX_FILE} is missing")
+    for r in record["shards"]:
+        p = out / r["file"]
+        if not p.exists():
+            problems.append(f"{r['file']}: missing")
+            continue
+        if p.stat().st_size != r["size"]:
+            problems.append(f"{r['file']}: size {p.stat().st_size}, recorded {r['size']}")
+            continue
+        digest = _file_sha256(p)
+        if digest != r["sha256"]:
+            problems.append(f"{r['file']}: sha256 {digest} differs from the recorded {r['sha256']}")
+        say(f"{r['file']}: {'ok' if digest == r['sha256'] else 'DIFFERS'}")
+    if index is not None:
+        shard_files = {r["file"] for r in record["shards"]}
+        stray = sorted({f for f in index["weight_map"].values()} - shard_files)
+        if stray:
+            problems.append(f"{INDEX_FILE} names shards not in the record: {', '.join(stray)}")
+    if src is not None:
+        problems += _verify_against_source(out, Path(src), record, index, say)
+    return problems
+
+
+def _verify_against_source(out: Path, src: Path, record: dict, index: Optional[dict], say) -> List[str]:
+    problems: List[str] = []
+    ckpt = find_ckpt_dir(src)
+    for f in record["source"]["files"]:
+        p = ckpt / f["name"]
+        if not p.exists():
+            problems.append(f"source {p}: missing")
+        elif p.stat().st_size != f["size"]:
+            problems.append(f"source {p}: size {p.stat().st_size}, recorded {f['size']}")
+    if problems or index is None:
+        return problems
+    cfg = GrokConfig.from_json(out / "config.json")
+    _, specs, refs = read_source(ckpt, cfg.replace(weight_format="int8"))
+    opts = record["options"]
+    tensors = {t.name: t for t in plan_tensors(specs, opts["dtype"], opts["plain_dtype"])}
+    by_shard: Dict[str, List[str]] = {}
+    for name, f in index["weight_map"].items():
+        by_shard.setdefault(f, []).append(name)
+    for shard_file, names in sorted(by_shard.items()):
+        start, header = read_header(str(out / shard_file))
+        with open(out / shard_file, "rb") as fh:
+            for name in names:
+                t = tensors.get(name)
+                if t is None or name not in header:
+                    problems.append(f"{shard_file}: {name} is not a tensor of this conversion")
+                    continue
+                fh.seek(start + header[name]["data_offsets"][0])
+                for piece in tensor_chunks(t, refs[t.source_index], 1 << 26):
+                    if fh.read(len(piece)) != bytes(piece):
+                        problems.append(f"{shard_file}: {name} differs from its conversion of "
+                                        f"{ckpt / f'tensor{t.source_index:05d}_000'}")
+                        break
+        say(f"{shard_file}: compared {len(names)} tensor(s) with the source")
+    return problems

@@ -99,9 +99,7 @@ class GrokConfig:
     def from_name(cls, name: str, **overrides: Any) -> "GrokConfig":
         if name not in CONFIGS:
             raise KeyError(f"unknown config {name!r}; known: {', '.join(sorted(CONFIGS))} (or pass a JSON path)")
-        kw = dict(CONFIGS[name])
-        kw.update(overrides)
-        return cls(name=name, **kw)
+        return cls(**{"name": name, **CONFIGS[name], **overrides})
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "GrokConfig":

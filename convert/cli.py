@@ -62,10 +62,12 @@ def _verify_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    verify = bool(argv) and argv[0] == "verify"
+    a = _verify_parser().parse_args(argv[1:]) if verify else _convert_parser().parse_args(argv)
+    # imported after parsing so that --help answers without loading torch
     from grok_torch.convert.convert import ConvertError, convert_checkpoint, verify_conversion
     try:
-        if argv and argv[0] == "verify":
-            a = _verify_parser().parse_args(argv[1:])
+        if verify:
             problems = verify_conversion(a.out, a.src, quiet=a.quiet)
             for m in problems:
                 print(f"grok-convert verify: PROBLEM: {m}", file=sys.stderr)
@@ -73,7 +75,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"grok-convert verify: {a.out}: all shards match the record"
                       + (" and the source" if a.src else ""))
             return 1 if problems else 0
-        a = _convert_parser().parse_args(argv)
         convert_checkpoint(a.src, a.out, dtype=a.dtype, config=a.config, shard_size=a.shard_size,
                            workers=a.workers, tokenizer=a.tokenizer, resume=a.resume, overwrite=a.overwrite,
                            quiet=a.quiet, plain_dtype=a.plain_dtype, chunk_size=a.chunk_size)

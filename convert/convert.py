@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
-import torch
-
 from grok_torch.config import CONFIGS, GrokConfig
 from grok_torch.convert.grok_pickle import ArrayRef, CheckpointError, QuantizedRef, TensorRef, read_tensor_file
 from grok_torch.convert.safetensors_io import OutTensor, Shard, plan_shards, read_header
@@ -44,7 +42,6 @@ INDEX_FILE = "model.safetensors.index.json"
 RECORD_FILE = "grok_convert.json"
 STATE_FILE = ".grok-convert-state.json"
 DTYPE_NAMES = {"int8": "int8", "bf16": "bfloat16", "fp32": "float32"}
-_TORCH = {"int8": torch.int8, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _OUR_FILES = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors(\.partial)?|model\.safetensors\.index\.json|"
                         r"config\.json|tokenizer\.model|grok_convert\.json|\.grok-convert-state\.json)$")
 # Test-only fault injection: SIGKILL ourselves once this many bytes were written (resume tests).
@@ -229,8 +226,9 @@ def _copy_chunks(a: ArrayRef, chunk: int) -> Iterator[memoryview]:
 
 def _cast_chunks(a: ArrayRef, to: str, chunk: int) -> Iterator[memoryview]:
     """fp32 array -> bf16, chunked (only when --plain-dtype bf16)."""
+    import torch
     for piece in _copy_chunks(a, chunk - chunk % 4):
-        t = torch.frombuffer(piece, dtype=torch.float32).to(_TORCH[to])
+        t = torch.frombuffer(piece, dtype=torch.float32).to(getattr(torch, to))
         yield memoryview(t.view(torch.uint8).numpy())
 
 
@@ -240,6 +238,7 @@ def _dequant_chunks(q: QuantizedRef, to: str, chunk_elems: int) -> Iterator[memo
     Processes whole (lead, group) blocks of K/G rows at a time when they fit in ``chunk_elems``,
     else row slices of one block, so memory stays bounded for any tensor size.
     """
+    import torch  # only the dequantizing paths need it: int8 conversion is a pure byte copy
     w, s = q.weight, q.scales
     *lead, K, N = w.shape
     G = s.shape[-2]
@@ -269,7 +268,8 @@ def _dequant_chunks(q: QuantizedRef, to: str, chunk_elems: int) -> Iterator[memo
                 raise CheckpointError(f"{w.file}: truncated while reading: wanted {n} bytes at {start}, got {got}")
             wi8 = torch.frombuffer(raw, dtype=torch.int8, count=n).view(nb, nr, N)
             out32 = buf32[:n].view(nb, nr, N)
-            torch.mul(wi8, scales[b0:b0 + nb], out=out32)      # int8 * bf16 is exact in fp32
+            # int8 * bf16 is exact in fp32; copy-then-multiply is ~5x faster than a mixed-dtype mul
+            out32.copy_(wi8).mul_(scales[b0:b0 + nb])
             if buf16 is None:
                 yield memoryview(out32.view(-1).view(torch.uint8).numpy())
             else:
@@ -421,7 +421,6 @@ class ConvertResult:
     total_size: int
 
 
-@torch.inference_mode()
 def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dtype: str = "int8",
                        config: Union[None, str, GrokConfig] = None, shard_size: Union[str, int] = "5GB",
                        workers: Optional[int] = None, tokenizer: Optional[str] = None, resume: bool = False,

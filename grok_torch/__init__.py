@@ -1,7 +1,27 @@
 """grok_torch: xAI's Grok-1 in PyTorch.
 
-    from grok_torch import Grok, GrokConfig
+    from grok_torch import Grok, GrokConfig, Tokenizer, generate
+    model = Grok.from_pretrained("grok-1-int8", dtype=torch.bfloat16)
+    tok = Tokenizer("grok-1-int8/tokenizer.model")
+    print(generate(model, tok, ["The answer to life"], max_new_tokens=20)[0].text)
+
+Exports are resolved lazily so that ``import grok_torch.config`` (the converter, CLIs' --help)
+does not pay for importing torch.
 """
+import importlib
+
 from grok_torch.config import CONFIGS, GrokConfig
 
-__all__ = ["CONFIGS", "GrokConfig"]
+_LAZY = {
+    "Grok": "model", "KVCache": "model",
+    "Tokenizer": "tokenizer",
+    "generate": "generate", "stream": "generate", "Generation": "generate",
+    "SampleSettings": "sampling", "sample": "sampling", "top_p_filter": "sampling",
+}
+__all__ = ["CONFIGS", "GrokConfig", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"grok_torch.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'grok_torch' has no attribute {name!r}")

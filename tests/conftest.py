@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny_ref reference data (SPEC §8) converted once per weight format.
+
+The fixture lives beside the repository (../shared/grok1). Tests that need it SKIP when it is
+absent, except under CI (env CI set), where a missing fixture is a failure.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "grok1"
+TINY_REF = SHARED / "tiny_ref"
+TOKENIZER = SHARED / "tokenizer.model"
+
+
+def require(path: Path, what: str) -> Path:
+    """Skip (or fail under CI) when a shared reference file is missing."""
+    if not path.exists():
+        msg = f"{what} not found at {path}"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (required when CI is set)")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ref() -> Path:
+    return require(TINY_REF / "tiny_reference.json", "tiny_ref fixture").parent
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_ref, tmp_path_factory):
+    """converted(fmt) -> directory with tiny_ref converted by grok_torch.convert (cached per format)."""
+    from grok_torch.convert import convert_checkpoint
+
+    cache = {}
+
+    def get(fmt: str) -> Path:
+        if fmt not in cache:
+            out = tmp_path_factory.mktemp(f"tiny_{fmt}")
+            convert_checkpoint(tiny_ref, out, dtype=fmt, config="tiny", quiet=True, overwrite=True)
+            cache[fmt] = out
+        return cache[fmt]
+
+    return get

@@ -40,13 +40,13 @@ def _need_tiny():
 
 
 @pytest.fixture(scope="module")
-def tiny_ref():
+def tiny_json():
     _need_tiny()
     return json.loads((TINY / "tiny_reference.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted_all(tmp_path_factory):
     """The fixture converted once per dtype, with small shards so several are written."""
     _need_tiny()
     root = tmp_path_factory.mktemp("converted")
@@ -73,11 +73,11 @@ def _payloads(path: Path):
 # ---------------------------------------------------------------------------------------------
 # Bit-exact output
 # ---------------------------------------------------------------------------------------------
-def test_bf16_matches_official_dequantization_sha256(converted, tiny_ref):
+def test_bf16_matches_official_dequantization_sha256(converted_all, tiny_json):
     specs = param_order(GrokConfig.from_name("tiny"))
-    for spec, ref in zip(specs, tiny_ref["checkpoint"]["tensors"]):
+    for spec, ref in zip(specs, tiny_json["checkpoint"]["tensors"]):
         assert spec.path == ref["path"] and spec.index == ref["index"]
-        t = _load(converted["bf16"], f"{spec.torch_name}.weight")
+        t = _load(converted_all["bf16"], f"{spec.torch_name}.weight")
         if spec.quantized:
             assert t.dtype == torch.bfloat16
             assert _sha(t) == ref["dequant_bf16_sha256"], spec.path
@@ -86,13 +86,13 @@ def test_bf16_matches_official_dequantization_sha256(converted, tiny_ref):
             assert _sha(t) == ref["sha256"], spec.path
 
 
-def test_fp32_is_the_exact_product_per_k_group(converted):
+def test_fp32_is_the_exact_product_per_k_group(converted_all):
     for spec in param_order(GrokConfig.from_name("tiny")):
         if not spec.quantized:
             continue
-        w = _load(converted["int8"], f"{spec.torch_name}.weight")
-        s = _load(converted["int8"], f"{spec.torch_name}.scales")
-        got = _load(converted["fp32"], f"{spec.torch_name}.weight")
+        w = _load(converted_all["int8"], f"{spec.torch_name}.weight")
+        s = _load(converted_all["int8"], f"{spec.torch_name}.scales")
+        got = _load(converted_all["fp32"], f"{spec.torch_name}.weight")
         *lead, K, N = w.shape
         G = s.shape[-2]
         expect = (w.float().reshape(*lead, G, K // G, N) * s.float().unsqueeze(-2)).reshape(w.shape)
@@ -101,23 +101,23 @@ def test_fp32_is_the_exact_product_per_k_group(converted):
             assert not torch.equal(got, w.float() * s[..., :1, :].float()), spec.path
 
 
-def test_int8_is_byte_for_byte_as_released(converted):
+def test_int8_is_byte_for_byte_as_released(converted_all):
     for spec in param_order(GrokConfig.from_name("tiny")):
         payloads = _payloads(TINY / "ckpt-0" / spec.file)
         if spec.quantized:
-            w = _load(converted["int8"], f"{spec.torch_name}.weight")
-            s = _load(converted["int8"], f"{spec.torch_name}.scales")
+            w = _load(converted_all["int8"], f"{spec.torch_name}.weight")
+            s = _load(converted_all["int8"], f"{spec.torch_name}.scales")
             assert (w.dtype, tuple(w.shape), s.dtype, tuple(s.shape)) == (
                 torch.int8, spec.shape, torch.bfloat16, spec.scales_shape)
             assert w.view(torch.uint8).numpy().tobytes() == payloads[0], spec.path
             assert s.view(torch.uint8).numpy().tobytes() == payloads[1], spec.path
         else:
-            t = _load(converted["int8"], f"{spec.torch_name}.weight")
+            t = _load(converted_all["int8"], f"{spec.torch_name}.weight")
             assert t.numpy().tobytes() == payloads[0], spec.path
 
 
-def test_output_files_config_and_index(converted):
-    out = converted["int8"]
+def test_output_files_config_and_index(converted_all):
+    out = converted_all["int8"]
     cfg = GrokConfig.from_json(out / "config.json")
     assert cfg.same_architecture(GrokConfig.from_name("tiny")) and cfg.weight_format == "int8"
     index = json.loads((out / "model.safetensors.index.json").read_text())

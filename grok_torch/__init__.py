@@ -23,5 +23,8 @@ __all__ = ["CONFIGS", "GrokConfig", *_LAZY]
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(f"grok_torch.{_LAZY[name]}"), name)
+        value = getattr(importlib.import_module(f"grok_torch.{_LAZY[name]}"), name)
+        # importing grok_torch.generate binds the *module* to the name `generate`; the function wins
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'grok_torch' has no attribute {name!r}")

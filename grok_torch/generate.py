@@ -1,0 +1,123 @@
+"""Batched generation with a preallocated KV cache (the official runner's scheme, SPEC §6).
+
+    prompts -> right-pad with 0 to the longest -> one prefill forward (pads are masked keys)
+            -> each row's cache position := its own prompt length (pad slots get overwritten)
+            -> decode: feed the last token of every row at its own RoPE position, one forward per step
+
+Every row therefore computes what a batch-1 run of it computes. Row b samples with its own
+``torch.Generator`` seeded ``seed + b``, so a batched run equals one-by-one runs with those seeds.
+Unlike the official runner (fixed ``max_len`` tokens, no stop), rows stop at EOS by default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from grok_torch.sampling import SampleSettings, sample
+
+__all__ = ["Generation", "stream", "generate", "encode_prompts"]
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class Generation:
+    """One row's result: prompt ids, generated ids, text (when a tokenizer was given) and why it stopped."""
+
+    prompt: List[int]
+    tokens: List[int] = field(default_factory=list)
+    text: Optional[str] = None
+    finish_reason: str = "length"  # "eos" | "length"
+
+
+def encode_prompts(prompts: Union[Prompt, Sequence[Prompt]], tokenizer=None) -> List[List[int]]:
+    """A str, a list of ids, or a list of either -> list of id lists (str needs a tokenizer)."""
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)) or isinstance(prompts, torch.Tensor):
+        prompts = [prompts]
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (or pass token ids)")
+            p = tokenizer.encode(p)
+        ids = [int(i) for i in p]
+        if not ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        out.append(ids)
+    return out
+
+
+@torch.inference_mode()
+def stream(model, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int = 100, *,
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+           stop_at_eos: bool = True, tokenizer=None) -> Iterator[List[Optional[int]]]:
+    """Yield, per decode step, one new token id per row (None for rows that already stopped)."""
+    settings = SampleSettings(temperature, top_p, top_k)
+    ids = encode_prompts(prompts, tokenizer)
+    cfg = model.config
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = [len(p) for p in ids]
+    longest = max(lengths)
+    if longest >= cfg.max_seq_len:
+        raise ValueError(f"prompt length {longest} does not fit the context max_seq_len={cfg.max_seq_len}")
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the context "
+                         f"max_seq_len={cfg.max_seq_len}")
+    for p in ids:
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range [0, vocab_size={cfg.vocab_size})")
+
+    device = model.embed.weight.device
+    B = len(ids)
+    tokens = torch.full((B, longest), cfg.pad_token_id, dtype=torch.long, device=device)
+    for b, p in enumerate(ids):
+        tokens[b, :len(p)] = torch.tensor(p)
+    gens = None
+    if seed is not None:
+        gens = [torch.Generator(device=device).manual_seed(seed + b) for b in range(B)]
+    cache = model.new_cache(B, max_len=longest + max_new_tokens)
+    length_t = torch.tensor(lengths, device=device)
+
+    logits = model(tokens, cache)                       # prefill
+    cache.pos.copy_(length_t)                           # each row continues after its own prompt
+    last = logits[torch.arange(B, device=device), length_t - 1]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        nxt = sample(last, settings, gens)
+        out: List[Optional[int]] = []
+        for b in range(B):
+            out.append(None if done[b] else int(nxt[b]))
+            if stop_at_eos and not done[b] and int(nxt[b]) == cfg.eos_token_id:
+                done[b] = True
+        yield out
+        if all(done) or step == max_new_tokens - 1:
+            return
+        last = model(nxt[:, None], cache)[:, -1]
+
+
+def generate(model, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int = 100, *,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+             stop_at_eos: bool = True, tokenizer=None) -> List[Generation]:
+    """Generate for a batch of prompts (text needs ``tokenizer``); returns one Generation per prompt.
+
+    temperature 0 is greedy; top_p uses the official rule (ties at the threshold kept); EOS is kept
+    in ``tokens`` and ends the row when ``stop_at_eos``.
+    """
+    ids = encode_prompts(prompts, tokenizer)
+    results = [Generation(prompt=p) for p in ids]
+    for step in stream(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                       seed=seed, stop_at_eos=stop_at_eos):
+        for r, t in zip(results, step):
+            if t is not None:
+                r.tokens.append(t)
+                if stop_at_eos and t == model.config.eos_token_id:
+                    r.finish_reason = "eos"
+    if tokenizer is not None:
+        for r in results:
+            toks = r.tokens[:-1] if r.finish_reason == "eos" else r.tokens
+            r.text = tokenizer.decode(toks)
+    return results

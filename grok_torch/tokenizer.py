@@ -1,0 +1,67 @@
+"""SentencePiece wrapper for the Grok-1 ``tokenizer.model`` (SPEC §7).
+
+No BOS is added by default, as the official runner (``tokenizer.encode(prompt)``). Ids: pad 0,
+bos 1, eos 2, unk 3. ``StreamDecoder`` turns a growing id list into text pieces for streaming,
+holding back bytes of an unfinished UTF-8 character (byte-fallback pieces).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Sequence, Union
+
+__all__ = ["Tokenizer", "StreamDecoder"]
+
+
+class Tokenizer:
+    """``Tokenizer(path)``: path to ``tokenizer.model`` or a directory holding one."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        import sentencepiece as spm
+
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.model")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.path = path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    def encode(self, text: str, bos: bool = False) -> List[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self.sp.encode(text)
+        return [self.bos_id, *ids] if bos else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class StreamDecoder:
+    """Incremental detokenization: ``push(id)`` returns the new text (possibly empty)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its other bytes
+            return ""
+        new, self.emitted = text[len(self.emitted):], text
+        return new

@@ -1,0 +1,173 @@
+"""KV-cache decoding, sampling rules and generation on the tiny_ref model.
+
+Covered: the official teacher_forced_decode top-8 probabilities through our KV-cache path;
+prefill + cached decode == full forward; batched generation == one-by-one (right-padded prompts of
+different lengths); the official top-p rule (ties at the threshold kept); greedy; bad inputs.
+"""
+import json
+
+import pytest
+import torch
+
+from grok_torch import Grok, generate
+from grok_torch.sampling import SampleSettings, next_token_probs, sample, top_p_filter
+
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+@pytest.fixture(scope="module")
+def model(converted):
+    cache = {}
+
+    def get(dtype):
+        if dtype not in cache:
+            cache[dtype] = Grok.from_pretrained(converted("int8"), dtype=dtype, impl="torch")
+        return cache[dtype]
+    return get
+
+
+@pytest.fixture(scope="module")
+def gen_ref(tiny_ref):
+    return json.loads((tiny_ref / "tiny_reference.json").read_text())["generation"]
+
+
+@torch.no_grad()
+def test_teacher_forced_decode_top8(model, gen_ref):
+    """Official prefill + sample_step with forced inputs (bf16, temperature 1): per-step top-8 probs.
+
+    The official decode path itself differs from its full forward by ~1e-3..3e-2 (SPEC §3.4), so:
+    |d prob| < 1e-2 at the reference top-8 ids, and the same top-1 wherever the reference top-1
+    leads its runner-up by > 5 % (step 0 is a 1.5 % near-tie).
+    """
+    g = gen_ref["teacher_forced_decode"]
+    m = model(BF16)
+    cache = m.new_cache(1, 32)
+    steps = [m(torch.tensor([g["prompt"]]), cache)[:, -1]]
+    steps += [m(torch.tensor([[t]]), cache)[:, -1] for t in g["forced_inputs"]]
+    for j, (lg, ids, want) in enumerate(zip(steps, g["top_k_token_ids"], g["top_k_probs"])):
+        p = next_token_probs(lg, SampleSettings())[0]
+        d = (p[ids] - torch.tensor(want)).abs().max().item()
+        assert d < 1e-2, f"step {j}: max |d prob| {d:.3g}"
+        if want[0] > 1.05 * want[1]:
+            assert p.argmax().item() == ids[0], f"step {j}: top-1 {p.argmax().item()} != {ids[0]}"
+
+
+@torch.no_grad()
+def test_prefill_then_decode_equals_full_forward(model):
+    """fp32: logits of prefill(8) + 8 single-token steps == one forward of the 16 tokens."""
+    m = model(FP32)
+    seq = torch.tensor([[25, 376, 378, 114, 444, 88, 404, 445, 247, 31, 83, 350, 22, 344, 72, 313]])
+    full = m(seq).float()
+    cache = m.new_cache(1)
+    parts = [m(seq[:, :8], cache)] + [m(seq[:, i:i + 1], cache) for i in range(8, 16)]
+    torch.testing.assert_close(torch.cat(parts, 1).float(), full, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_bf16_cache_path_probabilities(model):
+    """bf16: the cache holds K/V in bf16 like the official runner, so the cached path is not the
+    full forward bit for bit (in the official code either, SPEC §3.4: ~1e-3, 3e-2 after a routing
+    flip). Reported here: next-token probabilities of both paths."""
+    m = model(BF16)
+    seq = torch.tensor([[25, 376, 378, 114, 444, 88, 404, 445, 247, 31, 83, 350, 22, 344, 72, 313]])
+    full = torch.softmax(m(seq).float(), -1)
+    cache = m.new_cache(1)
+    parts = [m(seq[:, :8], cache)] + [m(seq[:, i:i + 1], cache) for i in range(8, 16)]
+    cached = torch.softmax(torch.cat(parts, 1).float(), -1)
+    d = (cached - full).abs().max().item()
+    assert d < 3e-2, f"max |d prob| {d:.3g}"
+
+
+@torch.no_grad()
+def test_batched_generation_equals_one_by_one(model):
+    m = model(BF16)
+    prompts = [[25, 376, 378, 114, 444, 88, 404], [5, 48, 391], [90, 377, 358, 472, 397]]
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=11)):
+        batched = generate(m, prompts, 8, stop_at_eos=False, **kw)
+        for i, p in enumerate(prompts):
+            kw_i = dict(kw, seed=kw["seed"] + i) if "seed" in kw else kw  # row i samples with seed + i
+            single = generate(m, [p], 8, stop_at_eos=False, **kw_i)[0]
+            assert batched[i].tokens == single.tokens, (kw, i)
+
+
+@torch.no_grad()
+def test_greedy_and_seeded_sampling_are_deterministic(model):
+    m = model(BF16)
+    p = [25, 376, 378]
+    a = generate(m, p, 6, temperature=0.8, seed=3)[0].tokens
+    assert a == generate(m, p, 6, temperature=0.8, seed=3)[0].tokens
+    greedy = generate(m, p, 1, temperature=0)[0].tokens
+    assert greedy == [m(torch.tensor([p]), m.new_cache(1, 4))[0, -1].float().argmax().item()]
+
+
+@torch.no_grad()
+def test_stops_at_eos(model):
+    m = model(BF16)
+    eos = m.config.eos_token_id
+    # force EOS by sampling from a distribution whose top-1 is EOS: top_k=1 after biasing is not
+    # available, so check the contract on the sampler output instead of hoping the model emits EOS
+    out = generate(m, [25, 376], 30, temperature=1.0, seed=0)[0]
+    if eos in out.tokens:
+        assert out.tokens[-1] == eos and out.finish_reason == "eos"
+    else:
+        assert len(out.tokens) == 30 and out.finish_reason == "length"
+
+
+def test_top_p_official_rule_keeps_ties():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 0.0, -1.0]])
+    # p small: only the max survives
+    assert (top_p_filter(logits, 0.1) > -1e9).tolist() == [[True, False, False, False, False]]
+    # the threshold lands on a tied logit: both copies are kept
+    probs = torch.softmax(logits, -1)[0]
+    p = float(probs[0] + probs[1]) - 1e-3
+    assert (top_p_filter(logits, p) > -1e9).tolist() == [[True, True, True, False, False]]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_sample_greedy_and_seeded():
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0]])
+    assert sample(logits, SampleSettings(temperature=0)).tolist() == [1]  # ties -> lower id
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    s = SampleSettings(temperature=1.0)
+    assert [sample(logits, s, [g1]).item() for _ in range(5)] == [sample(logits, s, [g2]).item() for _ in range(5)]
+    with pytest.raises(ValueError, match="top_p"):
+        SampleSettings(top_p=0.0)
+
+
+@torch.no_grad()
+def test_nucleus_step0_matches_official(model, gen_ref):
+    """Official nucleus run (temperature 1, top_p 0.5), step 0: top-8 of the filtered distribution."""
+    g = gen_ref["nucleus"]
+    m = model(BF16)
+    p = next_token_probs(m(torch.tensor([g["prompt"]]))[:, -1], SampleSettings(1.0, g["nucleus_p"]))[0]
+    d = (p[g["top_k_token_ids"][0]] - torch.tensor(g["top_k_probs"][0])).abs().max().item()
+    assert d < 1e-2, f"max |d prob| {d:.3g}"
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_bad_inputs_name_the_problem(model, converted):
+    m = model(BF16)
+    V, ctx = m.config.vocab_size, m.config.max_seq_len
+    with pytest.raises(ValueError, match=f"token id {V} is out of range"):
+        m(torch.tensor([[1, V]]))
+    with pytest.raises(ValueError, match="token id -1 is out of range"):
+        m(torch.tensor([[1, -1]]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        m(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        m(torch.ones(1, ctx + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="prompt length"):
+        generate(m, [1] * ctx, 1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(m, [1] * 10, ctx)
+    with pytest.raises(ValueError, match="prompt token id"):
+        generate(m, [1, V + 5], 2)
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(m, "hello", 2)
+    with pytest.raises(ValueError, match="dtype"):
+        Grok.from_pretrained(converted("int8"), dtype=torch.float16)
+    wrong = m.config.replace(num_layers=m.config.num_layers - 1)
+    with pytest.raises(ValueError, match="num_layers"):
+        Grok.from_pretrained(converted("int8"), config=wrong)

@@ -1,0 +1,162 @@
+"""Triton grouped expert GEMMs over the expert-sorted (token, slot) rows made by routing.py.
+
+    _moe_gemm_kernel   grid (MAX_BLOCKS, cdiv(N, BLOCK_N))
+        one BLOCK_M x BLOCK_N tile of C = A[rows] @ B[expert]:
+        * rows come from the sorted list; A rows are gathered through it (token = row // TOP_K for
+          activations, the row itself for per-(token, slot) tensors), never from a permuted copy;
+        * a tile whose expert has no rows (block_expert == -1) returns before reading weights;
+        * DUAL: a second weight B2 shares the A tile (gate and up projections in one pass);
+        * int8 B tiles: SCALE_MODE 1 applies per-column scales to the fp32 accumulator once per K
+          group (GROUP_K rows per scale row: Grok-1 w1/w3 have one group, w2 has 8); SCALE_MODE 2
+          dequantises each B tile in the main loop with any (k, n) -> scale map (used by the
+          backward, where the transposed weights' scales vary along K);
+        * epilogues: EPILOGUE 0 stores the accumulator, 1 stores gelu_tanh(acc) * acc2 (and, for
+          the backward, the fp32 pre-activations), 2 multiplies by the row's gate (rounded to the
+          compute dtype, as the official code does).
+    _combine_kernel    grid (T, cdiv(D, BLOCK_D))
+        out[t] = sum over slots k, in slot order, of y[t*TOP_K + k]: the top-k combine, in fp32,
+        without atomics, so the same input gives the same bits.
+
+The compute dtype is the dtype of B after dequantisation (the output of the wrapper's choice,
+passed as CDTYPE); accumulation is fp32 (fp64 when the compute dtype is fp64, for gradcheck).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gelu_tanh(z, C1: tl.constexpr, C2: tl.constexpr):
+    # z * 0.5 * (1 + tanh(y)) == z * sigmoid(2y): one transcendental, no cancellation near 0
+    return z * tl.sigmoid(2.0 * C1 * (z + C2 * z * z * z))
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr,  # *float A [rows_a, K]; row = token (A_BY_TOKEN) or flat (token, slot) row
+    b_ptr,  # *int8|float B [E, K, N] (strides may describe a transposed weight)
+    b2_ptr,  # *int8|float second B of the same shape and strides (read only when DUAL)
+    s_ptr,  # *bf16|float scales of B (read only when SCALE_MODE > 0)
+    s2_ptr,  # *bf16|float scales of B2 (read only when DUAL and SCALE_MODE > 0)
+    c_ptr,  # *float C [NUMEL, N] out, indexed by the flat (token, slot) row
+    g_ptr,  # *fp32 [NUMEL, N] out: pre-activation acc (only when STORE_PREACT; C's strides)
+    u_ptr,  # *fp32 [NUMEL, N] out: pre-activation acc2 (only when STORE_PREACT; C's strides)
+    gate_ptr,  # *fp32 [NUMEL] gate of each flat row (read only when EPILOGUE == 2)
+    sorted_ptr,  # *int32 [MAX_BLOCKS * BLOCK_M] flat row of each GEMM row; NUMEL = padding
+    block_expert_ptr,  # *int32 [MAX_BLOCKS] expert of each tile; -1 = no work
+    NUMEL,  # T * TOP_K: number of real flat rows (and the padding marker)
+    N,  # output columns
+    K,  # reduction length
+    NUM_GROUPS,  # SCALE_MODE 1: scale rows along K (K // GROUP_K); otherwise 1
+    GROUP_K,  # SCALE_MODE 1: K rows per scale row; otherwise K
+    DIV_K,  # SCALE_MODE 2: scale row index = k // DIV_K ...
+    DIV_N,  # SCALE_MODE 2: ... and scale column index = n // DIV_N
+    stride_am, stride_ak,  # strides of A
+    stride_be, stride_bk, stride_bn,  # strides of B and B2
+    stride_se, stride_sk, stride_sn,  # strides of the scales (sk: per scale row, sn: per scale column)
+    stride_cm, stride_cn,  # strides of C (and of the pre-activation outputs)
+    TOP_K: tl.constexpr,  # slots per token
+    A_BY_TOKEN: tl.constexpr,  # A row = flat // TOP_K (gather the token) instead of the flat row
+    DUAL: tl.constexpr,  # also accumulate A @ B2 (gate and up projections share the A tile)
+    SCALE_MODE: tl.constexpr,  # 0 float B; 1 int8, scale in the accumulator; 2 int8, dequant per tile
+    EPILOGUE: tl.constexpr,  # 0 plain; 1 gelu_tanh(acc) * acc2; 2 acc * gate
+    STORE_PREACT: tl.constexpr,  # EPILOGUE 1: also store acc and acc2 in fp32 (for the backward)
+    CDTYPE: tl.constexpr,  # compute dtype of the tensor-core inputs
+    ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 only for gradcheck runs in fp64)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 compute (no tf32), ignored by 16-bit dots
+    C1: tl.constexpr,  # GELU sqrt(2/pi), rounded to the compute dtype
+    C2: tl.constexpr,  # GELU 0.044715, rounded to the compute dtype
+    BLOCK_M: tl.constexpr,  # rows per tile (every expert's rows are padded to a multiple)
+    BLOCK_N: tl.constexpr,  # columns per tile
+    BLOCK_K: tl.constexpr,  # reduction step
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return  # no tokens in this tile: exit before any weight traffic
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_ptr + offs_m)
+    row_mask = rows < NUMEL
+    if A_BY_TOKEN:
+        a_rows = rows // TOP_K
+    else:
+        a_rows = rows
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    # 64-bit offsets: expert * stride_be exceeds 2**31 for Grok-1 (8 x 6144 x 32768 elements).
+    b_base = b_ptr + expert.to(tl.int64) * stride_be
+    b2_base = b2_ptr + expert.to(tl.int64) * stride_be
+    s_base = s_ptr + expert.to(tl.int64) * stride_se
+    s2_base = s2_ptr + expert.to(tl.int64) * stride_se
+    a_row_ptr = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for grp in range(0, NUM_GROUPS):
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        part2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        k_end = (grp + 1) * GROUP_K
+        for k0 in range(grp * GROUP_K, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_end
+            a = tl.load(a_row_ptr + offs_k[None, :] * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            a = a.to(CDTYPE)
+            b_off = offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
+            b_mask = k_mask[:, None] & n_mask[None, :]
+            b = tl.load(b_base + b_off, mask=b_mask, other=0)
+            if SCALE_MODE == 2:
+                s_off = (offs_k // DIV_K)[:, None] * stride_sk + (offs_n // DIV_N)[None, :] * stride_sn
+                s = tl.load(s_base + s_off, mask=b_mask, other=0.0)
+                b = b.to(ACC) * s.to(ACC)  # exact in fp32, rounded once below
+            part = tl.dot(a, b.to(CDTYPE), part, input_precision=DOT_PRECISION, out_dtype=ACC)
+            if DUAL:
+                b2 = tl.load(b2_base + b_off, mask=b_mask, other=0)
+                if SCALE_MODE == 2:
+                    s2 = tl.load(s2_base + s_off, mask=b_mask, other=0.0)
+                    b2 = b2.to(ACC) * s2.to(ACC)
+                part2 = tl.dot(a, b2.to(CDTYPE), part2, input_precision=DOT_PRECISION, out_dtype=ACC)
+        if SCALE_MODE == 1:
+            # int8 x activation is summed exactly-scaled: one multiply per column per K group
+            s = tl.load(s_base + grp * stride_sk + offs_n * stride_sn, mask=n_mask, other=0.0).to(ACC)
+            acc += part * s[None, :]
+            if DUAL:
+                s2 = tl.load(s2_base + grp * stride_sk + offs_n * stride_sn, mask=n_mask, other=0.0)
+                acc2 += part2 * s2.to(ACC)[None, :]
+        else:
+            acc += part
+            if DUAL:
+                acc2 += part2
+
+    c_off = rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = row_mask[:, None] & n_mask[None, :]
+    if EPILOGUE == 1:
+        if STORE_PREACT:
+            tl.store(g_ptr + c_off, acc, mask=c_mask)
+            tl.store(u_ptr + c_off, acc2, mask=c_mask)
+        acc = _gelu_tanh(acc, C1, C2) * acc2
+    if EPILOGUE == 2:
+        gate = tl.load(gate_ptr + rows, mask=row_mask, other=0.0)
+        acc = acc * gate.to(CDTYPE).to(ACC)[:, None]
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr,  # *fp32 [T * TOP_K, D] gate-weighted expert outputs, row t*TOP_K + k
+    out_ptr,  # *float [T, D] out
+    D,  # model dim
+    stride_ym, stride_yd,  # strides of y
+    stride_ot, stride_od,  # strides of out
+    TOP_K: tl.constexpr,  # slots per token
+    BLOCK_D: tl.constexpr,  # columns per program
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    acc = tl.load(y_ptr + (t * TOP_K) * stride_ym + offs_d * stride_yd, mask=d_mask, other=0.0)
+    for k in tl.static_range(1, TOP_K):  # slot order, fp32: fixed summation order
+        acc += tl.load(y_ptr + (t * TOP_K + k) * stride_ym + offs_d * stride_yd, mask=d_mask, other=0.0)
+    tl.store(out_ptr + t * stride_ot + offs_d * stride_od, acc.to(out_ptr.dtype.element_ty), mask=d_mask)

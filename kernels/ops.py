@@ -1,0 +1,435 @@
+"""Launch wrappers, the autograd.Function and the Triton MoE entry point.
+
+Forward (5 launches):   route -> align -> up GEMM (gather x, w1 and w3 in one pass, gelu*up)
+                        -> down GEMM (gate in the epilogue) -> combine (slot sum, no atomics)
+Backward (3 GEMM launches, reusing _moe_gemm_kernel with transposed weight strides):
+    dA = dout[token] @ w2[e]^T            (int8: B tiles dequantised in the main loop)
+    dgate = rowsum(dA * act);  da = gate * dA;  dg, du through gelu_tanh(g) * u   (torch, elementwise)
+    dx = sum_k (dg @ w1[e]^T + du @ w3[e]^T)
+    expert weight grads (only when they require grad): a torch loop over experts.
+Gates stay differentiable through the router: when autograd is recording, the router probabilities
+are recomputed with torch ops at the kernel's chosen experts (T x D x E, negligible), so gradients
+reach x and router_w through the softmax; without autograd the kernel's probabilities are returned.
+
+Every wrapper checks shapes and dtypes and names the offending argument.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .grouped_gemm import _combine_kernel, _moe_gemm_kernel
+from .reference import gelu_constants, resolve_compute_dtype, route
+from .routing import _align_kernel, _router_topk_kernel
+
+__all__ = [
+    "Routing",
+    "GemmConfig",
+    "gemm_config",
+    "moe_route",
+    "moe_align",
+    "moe_up",
+    "moe_down",
+    "moe_combine",
+    "fused_moe_triton",
+]
+
+_TL_DTYPE = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape of the grouped GEMMs. BLOCK_M also sets the padding of each expert's rows."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def gemm_config(num_tokens: int, top_k: int, num_experts: int) -> GemmConfig:
+    """Pick tiles from the mean rows per expert (the shape of the M dimension each expert sees).
+
+    Decode (few rows) is weight-streaming: the smallest M tile tl.dot allows (16) and wide K steps.
+    Prefill is compute-bound: 128x128 tiles with 8 warps. Untuned guesses; see benchmarks/bench_moe.py.
+    """
+    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
+    if rows_per_expert <= 16:
+        return GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    if rows_per_expert <= 64:
+        return GemmConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
+    if rows_per_expert <= 512:
+        return GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
+    return GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Routing:
+    """Everything the grouped GEMMs need to know about where each token went.
+
+    router_probs  [T, E] fp32     softmax over all experts
+    gates         [T, K] fp32     gate of each chosen expert (renormalised if asked)
+    topk_ids      [T, K] int32    chosen experts, descending probability
+    sorted_ids    [MAX_BLOCKS * BLOCK_M] int32  flat row t*K+k of each GEMM row; T*K = padding
+    block_expert  [MAX_BLOCKS] int32            expert of each BLOCK_M tile; -1 = no work
+    counts        [E] int32      rows per expert;  offsets [E+1] int32 padded start rows
+    """
+
+    router_probs: torch.Tensor
+    gates: torch.Tensor
+    topk_ids: torch.Tensor
+    sorted_ids: torch.Tensor
+    block_expert: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    block_m: int
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_expert.numel()
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Group the (token, slot) rows by expert. Returns (sorted_ids, block_expert, counts, offsets)."""
+    _check(topk_ids.dim() == 2, f"topk_ids must be [T, K], got {tuple(topk_ids.shape)}")
+    _check(block_m >= 16 and block_m & (block_m - 1) == 0, f"block_m must be a power of two >= 16, got {block_m}")
+    numel = topk_ids.numel()
+    ids = topk_ids.to(torch.int32).contiguous()
+    # sum over experts of ceil(count/BLOCK_M) <= floor(numel/BLOCK_M) + (experts with rows)
+    max_blocks = triton.cdiv(numel, block_m) + min(num_experts, numel)
+    dev = topk_ids.device
+    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
+    _align_kernel[(1,)](
+        ids, sorted_ids, block_expert, counts, offsets,
+        numel, num_experts, max_blocks * block_m, max_blocks,
+        E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, CHUNK=256,
+    )
+    return sorted_ids, block_expert, counts, offsets
+
+
+def moe_route(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    top_k: int = 2,
+    *,
+    renormalize: bool = False,
+    router_softcap: float | None = None,
+    expert_ids: torch.Tensor | None = None,
+    block_m: int = 64,
+) -> Routing:
+    """Router + top-k (launch 1) and expert grouping padded to block_m (launch 2)."""
+    _check(x.dim() == 2, f"x must be [T, D], got {tuple(x.shape)}")
+    _check(x.is_floating_point(), f"x must be floating, got {x.dtype}")
+    T, D = x.shape
+    _check(router_w.dim() == 2 and router_w.shape[0] == D, f"router_w must be [D={D}, E], got {tuple(router_w.shape)}")
+    E = router_w.shape[1]
+    if expert_ids is not None:
+        _check(expert_ids.dim() == 2 and expert_ids.shape[0] == T, f"expert_ids must be [T={T}, k], got {tuple(expert_ids.shape)}")
+        top_k = expert_ids.shape[1]
+        _check(bool(((expert_ids >= 0) & (expert_ids < E)).all()), f"expert_ids must lie in [0, {E})")
+        forced = expert_ids.to(torch.int32).contiguous()
+    _check(1 <= top_k <= E, f"top_k must be in [1, E={E}], got {top_k}")
+    w = router_w.float()  # fp32 router (a no-op for the released fp32 weight)
+    probs = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    gates = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
+    BLOCK_T = 16
+    _router_topk_kernel[(triton.cdiv(T, BLOCK_T),)](
+        x, w, probs, gates, ids, forced if expert_ids is not None else ids,
+        T, D, E,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), probs.stride(0), probs.stride(1),
+        SOFTCAP=float(router_softcap or 0.0), RENORM=bool(renormalize), FORCED=expert_ids is not None,
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(E),
+        BLOCK_T=BLOCK_T, BLOCK_D=64,
+    )
+    sorted_ids, block_expert, counts, offsets = moe_align(ids, E, block_m)
+    return Routing(probs, gates, ids, sorted_ids, block_expert, counts, offsets, block_m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped GEMMs
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_weight(name: str, w: torch.Tensor, shape: tuple, scale: torch.Tensor | None, scale_name: str) -> int:
+    """Check an expert weight [E, K, N] and its scales [E, G, N]; return G (0 for float weights)."""
+    _check(tuple(w.shape) == shape, f"{name} must be {list(shape)}, got {list(w.shape)}")
+    if w.dtype == torch.int8:
+        _check(scale is not None, f"{name} is int8: pass scales ({scale_name} [E, G, N])")
+        E, K, N = shape
+        _check(
+            scale.dim() == 3 and scale.shape[0] == E and scale.shape[2] == N and K % scale.shape[1] == 0,
+            f"{scale_name} must be [E={E}, G, N={N}] with G dividing K={K}, got {list(scale.shape)}",
+        )
+        return scale.shape[1]
+    _check(w.dtype in _TL_DTYPE, f"{name} must be int8, fp16, bf16 or fp32, got {w.dtype}")
+    return 0
+
+
+def _launch_gemm(
+    a, a_by_token, b, b2, s, s2, c, routing, *, N, K, kb, nb, top_k, numel, cd, cfg,
+    scale_mode, groups=1, div_k=1, div_n=1, sk=0, sn=0, epilogue=0, gate=None, preact=None,
+):
+    """One grouped-GEMM launch. kb/nb are B's strides along the reduction and output dims."""
+    c1, c2 = gelu_constants(cd)
+    g_out, u_out = preact if preact is not None else (c, c)
+    grid = (routing.max_blocks, triton.cdiv(N, cfg.block_n))
+    _moe_gemm_kernel[grid](
+        a, b, b2 if b2 is not None else b, s if s is not None else b, s2 if s2 is not None else b,
+        c, g_out, u_out, gate if gate is not None else routing.gates,
+        routing.sorted_ids, routing.block_expert,
+        numel, N, K, groups if scale_mode == 1 else 1, K // groups if scale_mode == 1 else K, div_k, div_n,
+        a.stride(0), a.stride(1),
+        b.stride(0), kb, nb,
+        s.stride(0) if s is not None else 0, sk, sn,
+        c.stride(0), c.stride(1),
+        TOP_K=top_k, A_BY_TOKEN=a_by_token, DUAL=b2 is not None, SCALE_MODE=scale_mode,
+        EPILOGUE=epilogue, STORE_PREACT=preact is not None,
+        CDTYPE=_TL_DTYPE[cd], ACC=tl.float64 if cd == torch.float64 else tl.float32,
+        DOT_PRECISION="ieee" if cd in (torch.float32, torch.float64) else "tf32",
+        C1=c1, C2=c2,
+        BLOCK_M=routing.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def moe_up(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    routing: Routing,
+    *,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    compute_dtype: torch.dtype | None = None,
+    config: GemmConfig | None = None,
+    store_preact: bool = False,
+):
+    """act[t*K+k] = gelu_tanh(x[t] @ w1[e]) * (x[t] @ w3[e]) for e = topk_ids[t, k]; [T*K, F] compute dtype.
+
+    x rows are gathered in the kernel (no permuted copy); with store_preact also returns the fp32
+    pre-activations (g, u) the backward needs.
+    """
+    T, D = x.shape
+    _check(w1.dim() == 3, f"w1 must be [E, D, F], got {list(w1.shape)}")
+    E, _, F = w1.shape
+    s1, s3 = scales if scales is not None else (None, None)
+    g1 = _check_weight("w1", w1, (E, D, F), s1, "s1")
+    g3 = _check_weight("w3", w3, (E, D, F), s3, "s3")
+    _check(w1.dtype == w3.dtype and w1.stride() == w3.stride(), "w1 and w3 must share dtype and strides")
+    _check(g1 == g3 and (s1 is None or s1.stride() == s3.stride()), "s1 and s3 must share shape and strides")
+    cd = resolve_compute_dtype(w1, compute_dtype)
+    K = routing.topk_ids.shape[1]
+    cfg = config or gemm_config(T, K, E)
+    _check(cfg.block_m == routing.block_m, f"config.block_m={cfg.block_m} != routing.block_m={routing.block_m}")
+    act = torch.empty(T * K, F, dtype=cd, device=x.device)
+    preact = None
+    if store_preact:
+        acc = torch.float64 if cd == torch.float64 else torch.float32
+        preact = (torch.empty(T * K, F, dtype=acc, device=x.device), torch.empty(T * K, F, dtype=acc, device=x.device))
+    _launch_gemm(
+        x, True, w1, w3, s1, s3, act, routing, N=F, K=D, kb=w1.stride(1), nb=w1.stride(2), top_k=K,
+        numel=T * K, cd=cd, cfg=cfg, scale_mode=1 if g1 else 0, groups=max(g1, 1),
+        sk=s1.stride(1) if g1 else 0, sn=s1.stride(2) if g1 else 0, epilogue=1, preact=preact,
+    )
+    return (act, *preact) if store_preact else act
+
+
+def moe_down(
+    act: torch.Tensor,
+    w2: torch.Tensor,
+    routing: Routing,
+    *,
+    scale: torch.Tensor | None = None,
+    gates: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """y[t*K+k] = gate[t, k] * (act[t*K+k] @ w2[e]); [T*K, D] fp32 (fp64 for fp64 compute)."""
+    _check(act.dim() == 2, f"act must be [T*K, F], got {list(act.shape)}")
+    numel, F = act.shape
+    _check(w2.dim() == 3 and w2.shape[1] == F, f"w2 must be [E, F={F}, D], got {list(w2.shape)}")
+    E, _, D = w2.shape
+    G = _check_weight("w2", w2, (E, F, D), scale, "s2")
+    cd = resolve_compute_dtype(w2, compute_dtype)
+    T, K = routing.topk_ids.shape
+    _check(numel == T * K, f"act must have T*K={T * K} rows, got {numel}")
+    gates = routing.gates if gates is None else gates
+    _check(gates.shape == (T, K), f"gates must be [T={T}, K={K}], got {list(gates.shape)}")
+    cfg = config or gemm_config(T, K, E)
+    y = torch.empty(numel, D, dtype=torch.float64 if cd == torch.float64 else torch.float32, device=act.device)
+    _launch_gemm(
+        act, False, w2, None, scale, None, y, routing, N=D, K=F, kb=w2.stride(1), nb=w2.stride(2), top_k=K,
+        numel=numel, cd=cd, cfg=cfg, scale_mode=1 if G else 0, groups=max(G, 1),
+        sk=scale.stride(1) if G else 0, sn=scale.stride(2) if G else 0,
+        epilogue=2, gate=gates.float().contiguous() if cd != torch.float64 else gates.contiguous(),
+    )
+    return y
+
+
+def moe_combine(y: torch.Tensor, top_k: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum_k y[t*K+k] in slot order (fp32), cast to out_dtype. Deterministic."""
+    _check(y.dim() == 2 and y.shape[0] % top_k == 0, f"y must be [T*K, D], got {list(y.shape)}")
+    T, D = y.shape[0] // top_k, y.shape[1]
+    out = torch.empty(T, D, dtype=out_dtype, device=y.device)
+    BLOCK_D = 256
+    _combine_kernel[(T, triton.cdiv(D, BLOCK_D))](
+        y, out, D, y.stride(0), y.stride(1), out.stride(0), out.stride(1), TOP_K=top_k, BLOCK_D=BLOCK_D
+    )
+    return out
+
+
+def _moe_transposed(dy, by_token, w, s, routing, *, cd, cfg, top_k, numel):
+    """dy @ w[e]^T for each row's expert: w is [E, K_w, N_w], dy is [rows, N_w] -> [T*K, K_w] (fp32/fp64)."""
+    E, Kw, Nw = w.shape
+    out = torch.empty(numel, Kw, dtype=torch.float64 if cd == torch.float64 else torch.float32, device=dy.device)
+    kw = {}
+    if s is not None:
+        # B^T[k, n] = w[n, k] with scale s[n // (K_w/G), k]: the scale varies along the reduction,
+        # so each B tile is dequantised in the main loop (SCALE_MODE 2).
+        kw = dict(scale_mode=2, div_k=1, div_n=Kw // s.shape[1], sk=s.stride(2), sn=s.stride(1))
+    else:
+        kw = dict(scale_mode=0)
+    _launch_gemm(
+        dy, by_token, w, None, s, None, out, routing, N=Kw, K=Nw, kb=w.stride(2), nb=w.stride(1),
+        top_k=top_k, numel=numel, cd=cd, cfg=cfg, **kw,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+class _MoEExperts(torch.autograd.Function):
+    """out = sum_k gate_k * w2(gelu_tanh(w1 x) * w3 x) over each token's experts (routing fixed)."""
+
+    @staticmethod
+    def forward(ctx, x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg):
+        T, K = routing.topk_ids.shape
+        need_grad = any(ctx.needs_input_grad[:5])
+        up = moe_up(
+            x, w1, w3, routing, scales=None if s1 is None else (s1, s3), compute_dtype=cd, config=cfg,
+            store_preact=need_grad,
+        )
+        act, g, u = up if need_grad else (up, None, None)
+        y = moe_down(act, w2, routing, scale=s2, gates=gates, compute_dtype=cd, config=cfg)
+        out = moe_combine(y, K, cd)
+        if need_grad:
+            ctx.save_for_backward(x, gates, w1, w3, w2, s1, s3, s2, act, g, u)
+            ctx.routing, ctx.cd, ctx.cfg = routing, cd, cfg
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, gates, w1, w3, w2, s1, s3, s2, act, g, u = ctx.saved_tensors
+        routing, cd, cfg = ctx.routing, ctx.cd, ctx.cfg
+        T, K = routing.topk_ids.shape
+        acc = g.dtype
+        dout = dout.to(cd).contiguous()
+        # dA = dout[token] @ w2[e]^T, before the gate (so dgate = <dA, act>)
+        dA = _moe_transposed(dout, True, w2, s2, routing, cd=cd, cfg=cfg, top_k=K, numel=T * K)
+        gate_c = gates.to(cd).to(acc).reshape(-1, 1)
+        dgates = (dA * act.to(acc)).sum(-1).view(T, K)
+        da = dA * gate_c
+        c1, c2 = gelu_constants(cd)
+        inner = 2.0 * c1 * (g + c2 * g**3)
+        sig = torch.sigmoid(inner)
+        gelu = g * sig
+        dgelu = sig + g * sig * (1 - sig) * 2.0 * c1 * (1 + 3 * c2 * g * g)
+        dg = (da * u * dgelu).to(cd)
+        du = (da * gelu).to(cd)
+        dx = dw1 = dw3 = dw2 = None
+        if ctx.needs_input_grad[0]:
+            dx1 = _moe_transposed(dg, False, w1, s1, routing, cd=cd, cfg=cfg, top_k=K, numel=T * K)
+            dx3 = _moe_transposed(du, False, w3, s3, routing, cd=cd, cfg=cfg, top_k=K, numel=T * K)
+            dx = (dx1 + dx3).view(T, K, -1).sum(1).to(x.dtype)
+        if any(ctx.needs_input_grad[2:5]):
+            # Expert weight grads (bf16/fp32 training): per-expert torch matmuls over the grouped rows.
+            flat = routing.topk_ids.reshape(-1)
+            dw1, dw3, dw2 = (torch.zeros_like(w, dtype=acc) for w in (w1, w3, w2))
+            dy = dout.to(acc).repeat_interleave(K, 0) * gate_c
+            for e in range(w1.shape[0]):
+                rows = (flat == e).nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                xe = x[rows // K].to(cd).to(acc)
+                dw1[e] = xe.T @ dg[rows].to(acc)
+                dw3[e] = xe.T @ du[rows].to(acc)
+                dw2[e] = act[rows].to(acc).T @ dy[rows]
+            dw1, dw3, dw2 = dw1.to(w1.dtype), dw3.to(w3.dtype), dw2.to(w2.dtype)
+        return dx, dgates.to(gates.dtype), dw1, dw3, dw2, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry
+# ---------------------------------------------------------------------------------------------
+
+
+def fused_moe_triton(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    top_k: int = 2,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    renormalize: bool = False,
+    router_softcap: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+    expert_ids: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton MoE layer; same contract as grok_torch.kernels.fused_moe (see there)."""
+    _check(x.dim() == 2, f"x must be [T, D], got {list(x.shape)}")
+    T, D = x.shape
+    _check(w1.dim() == 3, f"w1 must be [E, D, F], got {list(w1.shape)}")
+    E = w1.shape[0]
+    _check(router_w.shape == (D, E), f"router_w must be [D={D}, E={E}], got {list(router_w.shape)}")
+    if w1.dtype == torch.int8:
+        _check(scales is not None and len(scales) == 3, "int8 weights need scales=(s1, s3, s2)")
+    s1, s3, s2 = scales if scales is not None else (None, None, None)
+    cd = resolve_compute_dtype(w1, compute_dtype)
+    k = expert_ids.shape[1] if expert_ids is not None else top_k
+    cfg = config or gemm_config(T, k, E)
+    with torch.no_grad():
+        routing = moe_route(
+            x, router_w, top_k, renormalize=renormalize, router_softcap=router_softcap,
+            expert_ids=expert_ids, block_m=cfg.block_m,
+        )
+    probs, gates = routing.router_probs, routing.gates
+    if torch.is_grad_enabled() and (x.requires_grad or router_w.requires_grad):
+        # Differentiable gates: the router again in torch at the kernel's experts (cheap: T x D x E).
+        probs, gates, _ = route(
+            x, router_w, renormalize=renormalize, router_softcap=router_softcap, expert_ids=routing.topk_ids
+        )
+    out = _MoEExperts.apply(x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg)
+    return out, probs, routing.topk_ids.long()

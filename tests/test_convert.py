@@ -429,3 +429,11 @@ def test_tokenizer_found_next_to_src_is_copied(tmp_path):
     convert_checkpoint(tmp_path / "release" / "checkpoints", tmp_path / "out", config=str(tmp_path / "c.json"),
                        quiet=True)
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == tok.read_bytes()
+
+
+def test_plain_dtype_bf16_rounds_only_the_plain_tensors(synth, tmp_path):
+    a = convert_checkpoint(synth, tmp_path / "a", quiet=True).out
+    b = convert_checkpoint(synth, tmp_path / "b", quiet=True, plain_dtype="bf16").out
+    for name in ("embed.weight", "norm.weight", "layers.10.moe.router.weight"):
+        assert torch.equal(_load(b, name), _load(a, name).to(torch.bfloat16)), name
+    assert torch.equal(_load(b, "layers.3.moe.w2.weight"), _load(a, "layers.3.moe.w2.weight"))

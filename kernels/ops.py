@@ -15,11 +15,19 @@ Every wrapper checks shapes and dtypes and names the offending argument.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
+
+# Without a GPU, Triton kernels can only run in its interpreter, and the choice is made when a
+# kernel is defined: set it before the kernel modules below are imported (an explicit
+# TRITON_INTERPRET in the environment wins).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from .grouped_gemm import _combine_kernel, _moe_gemm_kernel
 from .reference import gelu_constants, resolve_compute_dtype, route

@@ -1,0 +1,41 @@
+"""The MoE kernels compile ahead of time for sm_90 (H100) without a GPU, and the GEMMs use tensor cores.
+
+Runs `python -m grok_torch.kernels.aot` in a subprocess with TRITON_INTERPRET=0: in this process the
+kernels may already be interpreter objects (ops.py turns the interpreter on where there is no CUDA).
+By default it compiles the Grok-1 release path (int8 weights, bf16 compute) for every tile config;
+GROK_AOT_FULL=1 compiles every variant (bf16/fp16/fp32, float and int8, forward and backward).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from grok_torch.kernels.aot import TILE_CONFIGS
+
+
+def test_tile_configs_are_the_ones_the_wrappers_use():
+    from grok_torch.kernels.ops import gemm_config
+
+    used = {gemm_config(T, 2, 8) for T in (1, 8, 64, 256, 512, 4096, 65536)}
+    listed = {tuple(c.values()) for c in TILE_CONFIGS.values()}
+    assert {(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages) for c in used} == listed
+
+
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.skipif(
+    os.environ.get("GROK_AOT_FULL") != "1", reason="every variant takes minutes; set GROK_AOT_FULL=1"))])
+def test_compiles_for_sm90_with_tensor_cores(full):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    cmd = [sys.executable, "-m", "grok_torch.kernels.aot", "--arch", "90"] + (["--full"] if full else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    names = {r["name"] for r in results}
+    assert {"router-E8-k2", "align-E8", "combine-k2-bf16"} <= names
+    gemms = [r for r in results if r["is_gemm"]]
+    assert len(gemms) >= 2 * len(TILE_CONFIGS)
+    for r in gemms:
+        # wgmma needs 64-row warpgroup tiles; the 16/32-row decode tiles use mma.sync
+        assert r["wgmma"] + r["mma"] > 0, f"{r['name']}: no tensor-core instruction in the PTX"
+    assert any(r["wgmma"] > 0 for r in gemms), "no variant uses Hopper wgmma"

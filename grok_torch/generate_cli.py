@@ -27,21 +27,26 @@ def _parse_ids(s: str) -> List[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="grok-generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="grok-generate", description="Stream text (or token ids) from a checkpoint written by grok-convert.",
+        epilog=__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="directory written by grok-convert")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--prompt-ids", type=_parse_ids, help="prompt as token ids, e.g. 25,376,378")
     p.add_argument("--tokenizer", help="tokenizer.model (default: MODEL/tokenizer.model when present)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=42, help="official runner default 42")
+    p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature; 0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling, the official rule (ties at the threshold kept); 1.0 = off (default)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens; 0 = off (default)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42, the official runner's)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at EOS (the official runner's behaviour)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto", help="MoE kernel")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="activation dtype: bf16 as released (default) or the exact fp32 path")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default cpu)")
+    p.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto",
+                   help="MoE kernels: triton on CUDA / the PyTorch reference elsewhere (auto, default), or forced")
     return p
 
 

@@ -36,6 +36,8 @@ def test_compiles_for_sm90_with_tensor_cores(full):
     gemms = [r for r in results if r["is_gemm"]]
     assert len(gemms) >= 2 * len(TILE_CONFIGS)
     for r in gemms:
+        if "-fp32-" in r["name"]:
+            continue  # fp32 compute is exact fp32 on purpose (input_precision="ieee"): FMA, not tf32 MMA
         # wgmma needs 64-row warpgroup tiles; the 16/32-row decode tiles use mma.sync
         assert r["wgmma"] + r["mma"] > 0, f"{r['name']}: no tensor-core instruction in the PTX"
     assert any(r["wgmma"] > 0 for r in gemms), "no variant uses Hopper wgmma"

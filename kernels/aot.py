@@ -34,7 +34,7 @@ _TORCH_TO_TT = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 @dataclass
 class Variant:
     name: str
-    kernel: str  # "gemm" | "router" | "align" | "combine"
+    kernel: str  # "gemm" | "wgrad" | "router" | "align" | "combine"
     ptrs: dict  # pointer argument -> Triton dtype string
     constexprs: dict
     options: dict = field(default_factory=dict)
@@ -77,6 +77,16 @@ def variants(full: bool = False) -> list[Variant]:
                                              epilogue=0, a_by_token=True, a_dtype=cd))
                     out.append(_gemm_variant(f"bwd-dx-{tag}", cfg, cd=cd, wdtype=wdtype, scale_mode=bmode, dual=False,
                                              epilogue=0, a_by_token=False, a_dtype=cd))
+    for cd in cds:  # expert weight gradients (bf16/fp32 training), the wrapper's one tile shape
+        for b_gated, a_tok in ((False, True), (True, False)):
+            out.append(Variant(
+                f"wgrad-{'w2' if b_gated else 'w1'}-{cd}", "wgrad",
+                dict(a_ptr="fp32" if a_tok else cd, b_ptr=cd, gate_ptr="fp32", dw_ptr=cd, sorted_ptr="i32",
+                     counts_ptr="i32", offsets_ptr="i32"),
+                dict(TOP_K=2, A_BY_TOKEN=a_tok, B_BY_TOKEN=b_gated, B_GATED=b_gated, CDTYPE=cd, ACC="fp32",
+                     DOT_PRECISION="ieee" if cd == "fp32" else "tf32", BLOCK_R=32, BLOCK_P=64, BLOCK_Q=64),
+                dict(num_warps=4, num_stages=3), True,
+            ))
     out.append(Variant(
         "router-E8-k2", "router",
         dict(x_ptr="fp32", w_ptr="fp32", probs_ptr="fp32", gates_ptr="fp32", ids_ptr="i32", forced_ptr="i32"),
@@ -102,6 +112,7 @@ def compile_variant(v: Variant, arch: int = 90) -> dict:
 
     fn = {
         "gemm": grouped_gemm._moe_gemm_kernel,
+        "wgrad": grouped_gemm._moe_wgrad_kernel,
         "combine": grouped_gemm._combine_kernel,
         "router": routing._router_topk_kernel,
         "align": routing._align_kernel,

@@ -13,6 +13,9 @@
         * epilogues: EPILOGUE 0 stores the accumulator, 1 stores gelu_tanh(acc) * acc2 (and, for
           the backward, the fp32 pre-activations), 2 multiplies by the row's gate (rounded to the
           compute dtype, as the official code does).
+    _moe_wgrad_kernel  grid (E, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q))
+        expert weight gradients for training: dW[e] = A[rows of e]^T @ B[rows of e], reducing over
+        each expert's sorted rows (gathered through the same index; optional gate on B's rows).
     _combine_kernel    grid (T, cdiv(D, BLOCK_D))
         out[t] = sum over slots k, in slot order, of y[t*TOP_K + k]: the top-k combine, in fp32,
         without atomics, so the same input gives the same bits.
@@ -160,3 +163,67 @@ def _combine_kernel(
     for k in tl.static_range(1, TOP_K):  # slot order, fp32: fixed summation order
         acc += tl.load(y_ptr + (t * TOP_K + k) * stride_ym + offs_d * stride_yd, mask=d_mask, other=0.0)
     tl.store(out_ptr + t * stride_ot + offs_d * stride_od, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _moe_wgrad_kernel(
+    a_ptr,  # *float A [rows_a, P]; row = token (A_BY_TOKEN) or flat (token, slot) row
+    b_ptr,  # *float B [rows_b, Q]; row = token (B_BY_TOKEN) or flat row
+    gate_ptr,  # *fp32 [NUMEL] per-row scale of B (read only when B_GATED)
+    dw_ptr,  # *float dW [E, P, Q] out: dW[e] = sum over expert e's rows of A[row]^T B[row]
+    sorted_ptr,  # *int32 flat row of each sorted position (routing.sorted_ids)
+    counts_ptr,  # *int32 [E] rows per expert
+    offsets_ptr,  # *int32 [E + 1] first sorted position of each expert
+    NUMEL,  # T * TOP_K (the padding marker)
+    P,  # rows of dW (A's columns)
+    Q,  # columns of dW (B's columns)
+    stride_am, stride_ap,  # strides of A
+    stride_bm, stride_bq,  # strides of B
+    stride_we, stride_wp, stride_wq,  # strides of dW
+    TOP_K: tl.constexpr,  # slots per token
+    A_BY_TOKEN: tl.constexpr,  # A row = flat // TOP_K
+    B_BY_TOKEN: tl.constexpr,  # B row = flat // TOP_K
+    B_GATED: tl.constexpr,  # multiply B's rows by the row's gate, rounded to CDTYPE
+    CDTYPE: tl.constexpr,  # compute dtype of the tensor-core inputs
+    ACC: tl.constexpr,  # accumulator dtype (fp32; fp64 for gradcheck)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 compute
+    BLOCK_R: tl.constexpr,  # rows reduced per step
+    BLOCK_P: tl.constexpr,  # dW rows per program
+    BLOCK_Q: tl.constexpr,  # dW columns per program
+):
+    # Expert weight gradient: the reduction runs over the expert's own rows, so every program of an
+    # expert without tokens stores zeros without reading anything else.
+    e = tl.program_id(0)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_mask = offs_p < P
+    q_mask = offs_q < Q
+    start = tl.load(offsets_ptr + e)
+    end = start + tl.load(counts_ptr + e)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC)
+    for r0 in range(start, end, BLOCK_R):
+        pos = r0 + tl.arange(0, BLOCK_R)
+        rows = tl.load(sorted_ptr + pos, mask=pos < end, other=NUMEL)
+        r_mask = rows < NUMEL
+        if A_BY_TOKEN:
+            a_rows = rows // TOP_K
+        else:
+            a_rows = rows
+        if B_BY_TOKEN:
+            b_rows = rows // TOP_K
+        else:
+            b_rows = rows
+        a = tl.load(
+            a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_p[None, :] * stride_ap,
+            mask=r_mask[:, None] & p_mask[None, :], other=0.0,
+        ).to(CDTYPE)
+        b = tl.load(
+            b_ptr + b_rows.to(tl.int64)[:, None] * stride_bm + offs_q[None, :] * stride_bq,
+            mask=r_mask[:, None] & q_mask[None, :], other=0.0,
+        )
+        if B_GATED:
+            gate = tl.load(gate_ptr + rows, mask=r_mask, other=0.0).to(CDTYPE).to(ACC)
+            b = b.to(ACC) * gate[:, None]
+        acc = tl.dot(tl.trans(a), b.to(CDTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+    w_off = e.to(tl.int64) * stride_we + offs_p[:, None].to(tl.int64) * stride_wp + offs_q[None, :] * stride_wq
+    tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=p_mask[:, None] & q_mask[None, :])

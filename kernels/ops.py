@@ -2,11 +2,12 @@
 
 Forward (5 launches):   route -> align -> up GEMM (gather x, w1 and w3 in one pass, gelu*up)
                         -> down GEMM (gate in the epilogue) -> combine (slot sum, no atomics)
-Backward (3 GEMM launches, reusing _moe_gemm_kernel with transposed weight strides):
+Backward (3 GEMM launches reusing _moe_gemm_kernel with transposed weight strides, + weight grads):
     dA = dout[token] @ w2[e]^T            (int8: B tiles dequantised in the main loop)
     dgate = rowsum(dA * act);  da = gate * dA;  dg, du through gelu_tanh(g) * u   (torch, elementwise)
     dx = sum_k (dg @ w1[e]^T + du @ w3[e]^T)
-    expert weight grads (only when they require grad): a torch loop over experts.
+    dw1 = x^T dg, dw3 = x^T du, dw2 = act^T (gate * dout) per expert, over its own rows
+    (_moe_wgrad_kernel; only for weights that require grad: bf16/fp32 training).
 Gates stay differentiable through the router: when autograd is recording, the router probabilities
 are recomputed with torch ops at the kernel's chosen experts (T x D x E, negligible), so gradients
 reach x and router_w through the softmax; without autograd the kernel's probabilities are returned.
@@ -29,7 +30,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .grouped_gemm import _combine_kernel, _moe_gemm_kernel
+from .grouped_gemm import _combine_kernel, _moe_gemm_kernel, _moe_wgrad_kernel
 from .reference import gelu_constants, resolve_compute_dtype, route
 from .routing import _align_kernel, _router_topk_kernel
 
@@ -42,6 +43,7 @@ __all__ = [
     "moe_up",
     "moe_down",
     "moe_combine",
+    "moe_weight_grad",
     "fused_moe_triton",
 ]
 
@@ -331,6 +333,26 @@ def _moe_transposed(dy, by_token, w, s, routing, *, cd, cfg, top_k, numel):
     return out
 
 
+def moe_weight_grad(a, a_by_token, b, b_by_token, routing, w, *, cd, gates=None, block=(32, 64, 64)):
+    """dW[e] = A[rows of e]^T @ B[rows of e] (B's rows times their gate if gates is given); dW like w."""
+    E, P, Q = w.shape
+    _check(a.shape[1] == P and b.shape[1] == Q, f"weight grad: A [*, {P}] and B [*, {Q}] expected, got {list(a.shape)}, {list(b.shape)}")
+    dw = torch.empty(E, P, Q, dtype=w.dtype, device=w.device)
+    T, K = routing.topk_ids.shape
+    BLOCK_R, BLOCK_P, BLOCK_Q = block
+    _moe_wgrad_kernel[(E, triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q))](
+        a, b, gates.reshape(-1).contiguous() if gates is not None else routing.gates, dw,
+        routing.sorted_ids, routing.counts, routing.offsets,
+        T * K, P, Q,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        TOP_K=K, A_BY_TOKEN=a_by_token, B_BY_TOKEN=b_by_token, B_GATED=gates is not None,
+        CDTYPE=_TL_DTYPE[cd], ACC=tl.float64 if cd == torch.float64 else tl.float32,
+        DOT_PRECISION="ieee" if cd in (torch.float32, torch.float64) else "tf32",
+        BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q,
+    )
+    return dw
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------------
@@ -379,20 +401,12 @@ class _MoEExperts(torch.autograd.Function):
             dx1 = _moe_transposed(dg, False, w1, s1, routing, cd=cd, cfg=cfg, top_k=K, numel=T * K)
             dx3 = _moe_transposed(du, False, w3, s3, routing, cd=cd, cfg=cfg, top_k=K, numel=T * K)
             dx = (dx1 + dx3).view(T, K, -1).sum(1).to(x.dtype)
-        if any(ctx.needs_input_grad[2:5]):
-            # Expert weight grads (bf16/fp32 training): per-expert torch matmuls over the grouped rows.
-            flat = routing.topk_ids.reshape(-1)
-            dw1, dw3, dw2 = (torch.zeros_like(w, dtype=acc) for w in (w1, w3, w2))
-            dy = dout.to(acc).repeat_interleave(K, 0) * gate_c
-            for e in range(w1.shape[0]):
-                rows = (flat == e).nonzero().squeeze(1)
-                if rows.numel() == 0:
-                    continue
-                xe = x[rows // K].to(cd).to(acc)
-                dw1[e] = xe.T @ dg[rows].to(acc)
-                dw3[e] = xe.T @ du[rows].to(acc)
-                dw2[e] = act[rows].to(acc).T @ dy[rows]
-            dw1, dw3, dw2 = dw1.to(w1.dtype), dw3.to(w3.dtype), dw2.to(w2.dtype)
+        if ctx.needs_input_grad[2]:
+            dw1 = moe_weight_grad(x, True, dg, False, routing, w1, cd=cd)
+        if ctx.needs_input_grad[3]:
+            dw3 = moe_weight_grad(x, True, du, False, routing, w3, cd=cd)
+        if ctx.needs_input_grad[4]:
+            dw2 = moe_weight_grad(act, False, dout, True, routing, w2, cd=cd, gates=gates)
         return dx, dgates.to(gates.dtype), dw1, dw3, dw2, None, None, None, None, None, None
 
 

@@ -309,3 +309,20 @@ def test_gradcheck_fp64():
     f = lambda *a: fused_moe(*a, compute_dtype=torch.float64, impl="triton")[0]  # noqa: E731
     # routing is piecewise constant: eps this small never flips an expert choice
     assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_weight_grads_of_empty_experts_are_zero_and_written():
+    T, D, F, E = 5, 16, 32, 8
+    x, rw, ws, _ = _make_inputs(T, D, F, E, torch.float32, seed=9)
+    forced = torch.tensor([[2, 5]] * T)
+    grads = {}
+    for impl in ("triton", "torch"):
+        wg = [w.clone().requires_grad_() for w in ws]
+        with poisoned_outputs() if impl == "triton" else contextlib.nullcontext():
+            out, _, _ = fused_moe(x, rw, *wg, expert_ids=forced, impl=impl)
+            out.sum().backward()
+        grads[impl] = [w.grad for w in wg]
+    for got, want in zip(grads["triton"], grads["torch"]):
+        assert_written(got)
+        assert (got[[0, 1, 3, 4, 6, 7]] == 0).all()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -103,7 +103,9 @@ def impl_grouped_mm(x, router_w, ws, scales, cd):
         T, K = ids.shape
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        ends = torch.cumsum(torch.nn.functional.one_hot(flat, E).sum(0), 0).to(torch.int32)
+        # counts by comparison, not one_hot/bincount: those validate on the host and break graph capture
+        counts = (flat[:, None] == torch.arange(E, device=flat.device)).sum(0)
+        ends = torch.cumsum(counts, 0).to(torch.int32)
         xs = x.to(cd)[order // K]
         g = torch._grouped_mm(xs, w1, offs=ends)
         u = torch._grouped_mm(xs, w3, offs=ends)

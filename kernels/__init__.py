@@ -7,8 +7,10 @@ Public op (the model's MoE block calls this and nothing else):
 Files:
     reference.py    pure-PyTorch oracle: router, dequantisation, per-expert loop     (impl="torch")
     routing.py      Triton: router + softmax + top-k, then expert grouping (2 launches)
-    grouped_gemm.py Triton: gathered grouped GEMM (GELU*up / gate epilogues), slot combine
-    ops.py          launch wrappers with shape checks, torch.autograd.Function, fused_moe_triton
+    grouped_gemm.py Triton: gathered grouped GEMM (GELU*up / gate epilogues), weight grads, slot combine
+    ops.py          launch wrappers with shape checks (the pieces: moe_route, moe_align, moe_up, moe_down,
+                    moe_combine, moe_weight_grad), torch.autograd.Function, fused_moe_triton
+    aot.py          ahead-of-time compile of every GPU variant (sm_90 by default), no GPU needed
 
 Implementation choice: impl="torch" | "triton" | "auto". "auto" is Triton when x is on CUDA and the
 reference elsewhere; the environment variable GROK_MOE_IMPL=torch|triton overrides "auto" (never an

@@ -4,7 +4,9 @@
     python benchmarks/bench_generate.py --quick    # fewer steps
 
 Reports prefill tokens/s, decode ms/token at context 64 and 2048 (flat with the KV cache: each
-step attends only to the filled prefix and recomputes nothing), and peak memory (RSS / CUDA).
+step attends only to the filled prefix and recomputes nothing) and their ratio, the baseline of a
+decode step without the cache (recomputing the whole context) with the speed-up of the cached
+step, and peak memory (RSS / CUDA).
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def bench(cfg: GrokConfig, dtype, device, steps: int, contexts=(64, 2048)) -> No
     m(prompt[:, :8])  # warm-up
     _, t = timed(lambda: m(prompt), sync)
     line = f"{cfg.name:>6} {cfg.weight_format:>4} {str(dtype)[6:]:>8}  prefill {64 / t:8.1f} tok/s"
+    decode_ms = {}
     for ctx in contexts:
         if ctx + steps > cfg.max_seq_len:  # the cache must hold ctx + steps tokens
             continue
@@ -61,7 +64,16 @@ def bench(cfg: GrokConfig, dtype, device, steps: int, contexts=(64, 2048)) -> No
         tok = prompt[:, :1]
         m(tok, cache)
         _, t = timed(lambda: [m(tok, cache) for _ in range(steps)], sync)
-        line += f"  decode@{ctx} {1000 * t / steps:7.2f} ms/tok"
+        decode_ms[ctx] = 1000 * t / steps
+        line += f"  decode@{ctx} {decode_ms[ctx]:7.2f} ms/tok"
+    if len(decode_ms) == 2:
+        lo, hi = sorted(decode_ms)
+        line += f"  flatness {decode_ms[hi] / decode_ms[lo]:4.2f}x"
+    # baseline in the same run: a step without the cache recomputes the whole context
+    ctx = min(decode_ms) if decode_ms else 8
+    _, t_full = timed(lambda: m(prompt[:, :1].expand(1, ctx + 1)), sync)
+    if decode_ms:
+        line += f"  no-cache step@{ctx} {1000 * t_full:8.1f} ms ({1000 * t_full / decode_ms[ctx]:4.1f}x the cached step)"
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(line + f"  peak {peak:7.0f} MiB", flush=True)

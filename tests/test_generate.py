@@ -100,17 +100,40 @@ def test_greedy_and_seeded_sampling_are_deterministic(model):
     assert greedy == [m(torch.tensor([p]), m.new_cache(1, 4))[0, -1].float().argmax().item()]
 
 
+def _eos_after(m, monkeypatch, calls_before_eos, rows=None):
+    """Make the LM head put EOS on top at its ``calls_before_eos``-th call (rows: which batch rows)."""
+    head, n = m.head, {"calls": 0}
+
+    def forced(x):
+        logits = head(x)
+        n["calls"] += 1
+        if n["calls"] == calls_before_eos:
+            logits[rows if rows is not None else slice(None), ..., m.config.eos_token_id] = 1e4
+        return logits
+
+    monkeypatch.setattr(m, "head", forced)
+
+
 @torch.no_grad()
-def test_stops_at_eos(model):
+def test_stops_at_eos(model, monkeypatch):
     m = model(BF16)
     eos = m.config.eos_token_id
-    # force EOS by sampling from a distribution whose top-1 is EOS: top_k=1 after biasing is not
-    # available, so check the contract on the sampler output instead of hoping the model emits EOS
-    out = generate(m, [25, 376], 30, temperature=1.0, seed=0)[0]
-    if eos in out.tokens:
-        assert out.tokens[-1] == eos and out.finish_reason == "eos"
-    else:
-        assert len(out.tokens) == 30 and out.finish_reason == "length"
+    _eos_after(m, monkeypatch, 3)                 # prefill picks token 1, decode calls 2 and 3
+    out = generate(m, [25, 376], 30, temperature=0)[0]
+    assert out.tokens[-1] == eos and len(out.tokens) == 3 and out.finish_reason == "eos"
+    _eos_after(m, monkeypatch, 3)
+    out = generate(m, [25, 376], 10, temperature=0, stop_at_eos=False)[0]
+    assert out.tokens[2] == eos and len(out.tokens) == 10 and out.finish_reason == "length"
+
+
+@torch.no_grad()
+def test_batched_row_stops_alone(model, monkeypatch):
+    m = model(BF16)
+    alone = generate(m, [5, 6, 7], 6, temperature=0)[0].tokens
+    _eos_after(m, monkeypatch, 2, rows=0)         # only row 0 sees EOS, at its second token
+    a, b = generate(m, [[25, 376], [5, 6, 7]], 6, temperature=0)
+    assert a.tokens[-1] == m.config.eos_token_id and len(a.tokens) == 2 and a.finish_reason == "eos"
+    assert b.tokens == alone and b.finish_reason == "length"
 
 
 def test_top_p_official_rule_keeps_ties():

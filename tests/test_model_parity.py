@@ -184,3 +184,21 @@ def test_decoder_layer(model, ref, dtype, max_tol, mean_tol, forced):
         keep = keep & (ref("router_margin", dtype) >= 1e-2)
     mx, mean = diff(got, lo, keep)
     assert mx < max_tol and mean < mean_tol, f"max {mx:.3g} mean {mean:.3g}"
+
+
+# ---- checkpoint formats ---------------------------------------------------------------------
+
+@torch.no_grad()
+def test_checkpoint_formats(model, ref):
+    """fp32 checkpoints hold the exact int8*scale products: in fp32 mode they give the int8 logits
+    bit for bit. bf16 checkpoints round each weight once (the official Python dequantization); with
+    the official routing forced they stay within SPEC §8's bounds."""
+    tok, valid, _, _ = inputs(ref)
+    assert torch.equal(model(FP32, "fp32")(tok), model(FP32, "int8")(tok))
+    logits = model(BF16, "bf16")(tok, expert_ids=ref("router_topk_idx").long())
+    want = ref("logits")
+    mx, mean = diff(logits, want, valid)
+    top1 = (logits.argmax(-1) == want.argmax(-1))[valid].float().mean().item()
+    assert mean < 0.05 and top1 > 0.95, f"max {mx:.3g} mean {mean:.3g} top1 {top1:.3f}"
+    for name, t in model(BF16, "bf16").state_dict().items():
+        assert t.dtype in (torch.bfloat16, torch.float32), name     # no int8 left in a bf16 checkpoint

@@ -3,7 +3,8 @@
 Runs `python -m grok_torch.kernels.aot` in a subprocess with TRITON_INTERPRET=0: in this process the
 kernels may already be interpreter objects (ops.py turns the interpreter on where there is no CUDA).
 By default it compiles the Grok-1 release path (int8 weights, bf16 compute) for every tile config;
-GROK_AOT_FULL=1 compiles every variant (bf16/fp16/fp32, float and int8, forward and backward).
+Under CI (or GROK_AOT_FULL=1) it also compiles every variant (bf16/fp16/fp32, float and int8, forward
+and backward).
 """
 import json
 import os
@@ -23,8 +24,13 @@ def test_tile_configs_are_the_ones_the_wrappers_use():
     assert {(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages) for c in used} == listed
 
 
+# CI compiles every variant (~3 min on 2 cores, cold cache) so that a kernel that would not build
+# on an H100 fails CI; locally the release path is the default (set GROK_AOT_FULL=1 for all).
+_FULL = os.environ.get("GROK_AOT_FULL") == "1" or bool(os.environ.get("CI"))
+
+
 @pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.skipif(
-    os.environ.get("GROK_AOT_FULL") != "1", reason="every variant takes minutes; set GROK_AOT_FULL=1"))])
+    not _FULL, reason="every variant takes minutes; runs under CI or with GROK_AOT_FULL=1"))])
 def test_compiles_for_sm90_with_tensor_cores(full):
     env = dict(os.environ, TRITON_INTERPRET="0")
     cmd = [sys.executable, "-m", "grok_torch.kernels.aot", "--arch", "90"] + (["--full"] if full else [])

@@ -202,3 +202,17 @@ def test_checkpoint_formats(model, ref):
     assert mean < 0.05 and top1 > 0.95, f"max {mx:.3g} mean {mean:.3g} top1 {top1:.3f}"
     for name, t in model(BF16, "bf16").state_dict().items():
         assert t.dtype in (torch.bfloat16, torch.float32), name     # no int8 left in a bf16 checkpoint
+
+
+@torch.no_grad()
+def test_fp32_logits_on_the_triton_kernels(converted, ref):
+    """The model's MoE on the Triton kernels (the interpreter on CPU; fp32, as it is wrong on bf16
+    arithmetic) meets the same SPEC §8.1 bounds as the reference path: rows 0 (plain) and 4 (left-padded)."""
+    rows = [0, 4]
+    tok, valid, _, _ = inputs(ref)
+    m = Grok.from_pretrained(converted("int8"), dtype=FP32, impl="triton")
+    logits = m(tok[rows])
+    want = ref("logits", FP32)[rows]
+    mx, mean = diff(logits, want, valid[rows])
+    top1 = (logits.argmax(-1) == want.argmax(-1))[valid[rows]].float().mean().item()
+    assert mx < 1e-3 and mean < 3e-5 and top1 == 1.0, f"max {mx:.3g} mean {mean:.3g} top1 {top1:.3f}"

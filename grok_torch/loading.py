@@ -20,26 +20,12 @@ import torch
 from torch import nn
 
 from grok_torch.config import GrokConfig
+from grok_torch.kernels.reference import dequantize  # one dequantization for attention and experts
 
 __all__ = ["Weight", "dequantize", "load_pretrained", "SUPPORTED_DTYPES"]
 
 # Activation dtypes the faithful model supports: bf16 (the release's fprop dtype) and fp32 (SPEC §8.1).
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
-
-
-def dequantize(weight: torch.Tensor, scales: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``[*lead, K, N]`` int8 with ``[*lead, G, N]`` scales -> ``dtype``; floating weights are just cast.
-
-    Scale row g covers input rows ``g*K/G .. (g+1)*K/G - 1`` (SPEC §5.3). int8 x bf16 is exact in
-    fp32, so fp32 mode gets the exact product and bf16 mode one rounding of it (= the official
-    ``w.astype(bf16) * scales``).
-    """
-    if scales is None:
-        return weight.to(dtype)
-    *lead, K, N = weight.shape
-    G = scales.shape[-2]
-    exact = weight.float().reshape(*lead, G, K // G, N) * scales.float().unsqueeze(-2)
-    return exact.reshape(weight.shape).to(dtype)
 
 
 class Weight(nn.Module):

@@ -3,7 +3,7 @@
 Map (shape suffixes: T tokens, D model dim, F expert hidden dim, E experts, K top-k, G scale groups):
 
     route(x_TD, router_w_DE)                  -> router_probs_TE (fp32), gates_TK (fp32), topk_ids_TK (int64)
-    dequantize(w_KN, scales_GN, compute_dtype) -> W_KN in compute_dtype (fp32: the exact product)
+    dequantize(w_xKN, scales_xGN, compute_dtype) -> W_xKN in compute_dtype (fp32: the exact product)
     gelu_tanh(z, compute_dtype)               -> GELU, tanh approximation, constants rounded to compute_dtype
     moe_reference(...)                        -> (out_TD, router_probs_TE, topk_ids_TK)
 
@@ -74,16 +74,16 @@ def route(
 
 
 def dequantize(w: torch.Tensor, scales: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
-    """One expert's weight [K, N] (int8 with scales [G, N], or floating) as a compute_dtype matrix.
+    """A weight [*lead, K, N] (int8 with scales [*lead, G, N], or floating) as a compute_dtype tensor.
 
     Scale row g covers the K/G consecutive input rows g*K/G ... (g+1)*K/G - 1 (SPEC section 5.3).
     The int8 x bf16 product is exact in fp32; it is rounded once to the compute dtype (kept in fp32).
     """
     if scales is None:
         return w.to(compute_dtype)
-    K, N = w.shape
+    *lead, K, N = w.shape
     G = scales.shape[-2]
-    w_full = (w.float().reshape(G, K // G, N) * scales.float()[:, None, :]).reshape(K, N)
+    w_full = (w.float().reshape(*lead, G, K // G, N) * scales.float().unsqueeze(-2)).reshape(w.shape)
     return w_full if compute_dtype == torch.float32 else w_full.to(compute_dtype)  # fp32: the exact product
 
 

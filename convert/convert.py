@@ -44,7 +44,8 @@ STATE_FILE = ".grok-convert-state.json"
 DTYPE_NAMES = {"int8": "int8", "bf16": "bfloat16", "fp32": "float32"}
 _OUR_FILES = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors(\.partial)?|model\.safetensors\.index\.json|"
                         r"config\.json|tokenizer\.model|grok_convert\.json|\.grok-convert-state\.json)$")
-# Test-only fault injection: SIGKILL ourselves once this many bytes were written (resume tests).
+# Test-only fault injection: signal ourselves (SIGKILL, or GROK_CONVERT_FAULT_SIGNAL) once this many
+# bytes were written (resume and interrupt tests).
 _FAULT_ENV = "GROK_CONVERT_FAULT_AFTER_BYTES"
 
 
@@ -307,6 +308,7 @@ class _Progress:
         self.lock = threading.Lock()
         self.done = initial
         self.fault_after = int(os.environ.get(_FAULT_ENV, "0") or 0)
+        self.fault_signal = getattr(signal, "SIG" + os.environ.get("GROK_CONVERT_FAULT_SIGNAL", "KILL"))
         self.bar = None
         if not quiet:
             from tqdm.auto import tqdm
@@ -319,7 +321,8 @@ class _Progress:
             if self.bar is not None:
                 self.bar.update(n)
             if self.fault_after and self.done >= self.fault_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+                self.fault_after = 0
+                os.kill(os.getpid(), self.fault_signal)
 
     def close(self):
         if self.bar is not None:
@@ -487,18 +490,20 @@ def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dt
             state["done"][shard.file] = rec
             _write_json_atomic(out / STATE_FILE, state)
 
+    pool = ThreadPoolExecutor(max_workers=nworkers)
     try:
-        with ThreadPoolExecutor(max_workers=nworkers) as pool:
-            futures = [pool.submit(job, s) for s in todo]
-            finished, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in finished if f.exception() is not None]
-            if failed:
-                stop.set()
-                for f in pending:
-                    f.cancel()
-                wait(pending)
-                raise failed[0].exception()
+        futures = [pool.submit(job, s) for s in todo]
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in finished if f.exception() is not None]
+        if failed:
+            raise failed[0].exception()
+    except BaseException:
+        # an error or Ctrl-C: the other workers stop at their next chunk and remove their partial
+        # shard; finished shards stay, recorded for --resume
+        stop.set()
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         progress.close()
 
     records = [state["done"][s.file] for s in shards]

@@ -437,3 +437,17 @@ def test_plain_dtype_bf16_rounds_only_the_plain_tensors(synth, tmp_path):
     for name in ("embed.weight", "norm.weight", "layers.10.moe.router.weight"):
         assert torch.equal(_load(b, name), _load(a, name).to(torch.bfloat16)), name
     assert torch.equal(_load(b, "layers.3.moe.w2.weight"), _load(a, "layers.3.moe.w2.weight"))
+
+
+def test_ctrl_c_stops_promptly_and_resumes(synth, tmp_path):
+    out = tmp_path / "out"
+    args = ["--shard-size", "1MB", "--workers", "2", "--chunk-size", "64KiB", "--quiet"]
+    r = _cli(synth, out, *args, env={"GROK_CONVERT_FAULT_AFTER_BYTES": "3500000", "GROK_CONVERT_FAULT_SIGNAL": "INT"})
+    assert r.returncode == 130 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    assert not list(out.glob("*.partial")) and not (out / "model.safetensors.index.json").exists()
+    kept = sorted(out.glob("model-*.safetensors"))
+    assert kept, "shards finished before the interrupt are kept"
+    total = int(kept[0].name.split("-of-")[1][:5])
+    assert len(kept) <= total - 3, f"{len(kept)} of {total} shards written: the interrupt did not stop the queue"
+    assert _cli(synth, out, *args, "--resume").returncode == 0
+    assert verify_conversion(out, synth, quiet=True) == []

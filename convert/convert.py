@@ -94,7 +94,7 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _file_sha256(path: Path, bufsize: int = 1 << 24) -> str:
+def _file_sha256(path: Path, progress: Callable[[int], None] = lambda n: None, bufsize: int = 1 << 24) -> str:
     h = hashlib.sha256()
     buf = bytearray(bufsize)
     mv = memoryview(buf)
@@ -104,6 +104,7 @@ def _file_sha256(path: Path, bufsize: int = 1 << 24) -> str:
             if not n:
                 break
             h.update(mv[:n])
+            progress(n)
     return h.hexdigest()
 
 
@@ -304,7 +305,7 @@ def tensor_chunks(t: OutTensor, ref: TensorRef, chunk_bytes: int) -> Iterator[me
 # Writing shards
 # ---------------------------------------------------------------------------------------------
 class _Progress:
-    def __init__(self, total: int, initial: int, quiet: bool):
+    def __init__(self, total: int, initial: int, quiet: bool, desc: str = "grok-convert"):
         self.lock = threading.Lock()
         self.done = initial
         self.fault_after = int(os.environ.get(_FAULT_ENV, "0") or 0)
@@ -313,7 +314,7 @@ class _Progress:
         if not quiet:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc="grok-convert", dynamic_ncols=True)
+                            desc=desc, dynamic_ncols=True)
 
     def __call__(self, n: int) -> None:
         with self.lock:
@@ -539,33 +540,35 @@ def verify_conversion(out: "str | os.PathLike", src: "str | os.PathLike | None" 
         raise ConvertError(f"{out}: no {RECORD_FILE}; is this a finished grok-convert output?")
     record = json.loads(rec_path.read_text())
     problems: List[str] = []
-    say = (lambda m: None) if quiet else (lambda m: print(f"grok-convert verify: {m}", flush=True))
     index = json.loads((out / INDEX_FILE).read_text()) if (out / INDEX_FILE).exists() else None
     if index is None:
         problems.append(f"{INDEX_FILE} is missing")
-    for r in record["shards"]:
-        p = out / r["file"]
-        if not p.exists():
-            problems.append(f"{r['file']}: missing")
-            continue
-        if p.stat().st_size != r["size"]:
-            problems.append(f"{r['file']}: size {p.stat().st_size}, recorded {r['size']}")
-            continue
-        digest = _file_sha256(p)
-        if digest != r["sha256"]:
-            problems.append(f"{r['file']}: sha256 {digest} differs from the recorded {r['sha256']}")
-        say(f"{r['file']}: {'ok' if digest == r['sha256'] else 'DIFFERS'}")
+    progress = _Progress(sum(r["size"] for r in record["shards"]), 0, quiet, desc="grok-convert verify")
+    try:
+        for r in record["shards"]:
+            p = out / r["file"]
+            if not p.exists():
+                problems.append(f"{r['file']}: missing")
+                continue
+            if p.stat().st_size != r["size"]:
+                problems.append(f"{r['file']}: size {p.stat().st_size}, recorded {r['size']}")
+                continue
+            digest = _file_sha256(p, progress)
+            if digest != r["sha256"]:
+                problems.append(f"{r['file']}: sha256 {digest} differs from the recorded {r['sha256']}")
+    finally:
+        progress.close()
     if index is not None:
         shard_files = {r["file"] for r in record["shards"]}
         stray = sorted({f for f in index["weight_map"].values()} - shard_files)
         if stray:
             problems.append(f"{INDEX_FILE} names shards not in the record: {', '.join(stray)}")
     if src is not None:
-        problems += _verify_against_source(out, Path(src), record, index, say)
+        problems += _verify_against_source(out, Path(src), record, index, quiet)
     return problems
 
 
-def _verify_against_source(out: Path, src: Path, record: dict, index: Optional[dict], say) -> List[str]:
+def _verify_against_source(out: Path, src: Path, record: dict, index: Optional[dict], quiet: bool) -> List[str]:
     problems: List[str] = []
     ckpt = find_ckpt_dir(src)
     for f in record["source"]["files"]:
@@ -583,19 +586,23 @@ def _verify_against_source(out: Path, src: Path, record: dict, index: Optional[d
     by_shard: Dict[str, List[str]] = {}
     for name, f in index["weight_map"].items():
         by_shard.setdefault(f, []).append(name)
-    for shard_file, names in sorted(by_shard.items()):
-        start, header = read_header(str(out / shard_file))
-        with open(out / shard_file, "rb") as fh:
-            for name in names:
-                t = tensors.get(name)
-                if t is None or name not in header:
-                    problems.append(f"{shard_file}: {name} is not a tensor of this conversion")
-                    continue
-                fh.seek(start + header[name]["data_offsets"][0])
-                for piece in tensor_chunks(t, refs[t.source_index], 1 << 26):
-                    if fh.read(len(piece)) != bytes(piece):
-                        problems.append(f"{shard_file}: {name} differs from its conversion of "
-                                        f"{ckpt / f'tensor{t.source_index:05d}_000'}")
-                        break
-        say(f"{shard_file}: compared {len(names)} tensor(s) with the source")
+    progress = _Progress(sum(t.nbytes for t in tensors.values()), 0, quiet, desc="grok-convert verify --src")
+    try:
+        for shard_file, names in sorted(by_shard.items()):
+            start, header = read_header(str(out / shard_file))
+            with open(out / shard_file, "rb") as fh:
+                for name in names:
+                    t = tensors.get(name)
+                    if t is None or name not in header:
+                        problems.append(f"{shard_file}: {name} is not a tensor of this conversion")
+                        continue
+                    fh.seek(start + header[name]["data_offsets"][0])
+                    for piece in tensor_chunks(t, refs[t.source_index], 1 << 26):
+                        progress(len(piece))
+                        if fh.read(len(piece)) != bytes(piece):
+                            problems.append(f"{shard_file}: {name} differs from its conversion of "
+                                            f"{ckpt / f'tensor{t.source_index:05d}_000'}")
+                            break
+    finally:
+        progress.close()
     return problems

@@ -57,6 +57,7 @@ def fused_moe(
     compute_dtype: torch.dtype | None = None,
     expert_ids: torch.Tensor | None = None,
     impl: str = "auto",
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grok-1 MoE layer: fp32 router, top-k, `w2(gelu_tanh(w1 x) * w3 x)` per expert, gate-weighted sum.
 
@@ -73,6 +74,13 @@ def fused_moe(
         compute_dtype: dtype of the expert matmuls; None -> w1.dtype if floating else bf16.
         expert_ids: [T, k] int, forced routing (parity tests); gates = router_probs at those ids.
         impl:       "auto" | "torch" | "triton" (see module docstring).
+        deterministic: Triton only. True (default): the k expert outputs of a token are summed in slot
+                    order by a separate combine launch, without atomics, so the same input gives the
+                    same bits. False: the down GEMM's epilogue adds gate * y into a zeroed fp32 [T, D]
+                    buffer with atomics (one launch fewer, no [T*k, D] intermediate); the summation order
+                    then depends on scheduling, so results may differ between runs by fp32 rounding
+                    (before the cast to compute_dtype). Gradients are the same either way. The reference
+                    (impl="torch") accepts and ignores it: it is always deterministic.
 
     Returns:
         out [T, D] compute_dtype, router_probs [T, E] fp32, topk_ids [T, k] int64.
@@ -89,4 +97,4 @@ def fused_moe(
         return moe_reference(x, router_w, w1, w3, w2, **kwargs)
     from .ops import fused_moe_triton  # Triton only when asked for
 
-    return fused_moe_triton(x, router_w, w1, w3, w2, **kwargs)
+    return fused_moe_triton(x, router_w, w1, w3, w2, deterministic=deterministic, **kwargs)

@@ -12,13 +12,17 @@
           backward, where the transposed weights' scales vary along K);
         * epilogues: EPILOGUE 0 stores the accumulator, 1 stores gelu_tanh(acc) * acc2 (and, for
           the backward, the fp32 pre-activations), 2 multiplies by the row's gate (rounded to the
-          compute dtype, as the official code does).
+          compute dtype, as the official code does), 3 does what 2 does and then, instead of
+          storing the row, atomically adds it (fp32, relaxed) into C[token] = C[row // TOP_K]:
+          the top-k combine inside the down GEMM (deterministic=False; C must start zeroed, and
+          the order of the k additions per token depends on tile scheduling, so the bits may
+          differ between runs).
     _moe_wgrad_kernel  grid (E, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q))
         expert weight gradients for training: dW[e] = A[rows of e]^T @ B[rows of e], reducing over
         each expert's sorted rows (gathered through the same index; optional gate on B's rows).
     _combine_kernel    grid (T, cdiv(D, BLOCK_D))
         out[t] = sum over slots k, in slot order, of y[t*TOP_K + k]: the top-k combine, in fp32,
-        without atomics, so the same input gives the same bits.
+        without atomics, so the same input gives the same bits (the default, deterministic=True).
 
 The compute dtype is the dtype of B after dequantisation (the output of the wrapper's choice,
 passed as CDTYPE); accumulation is fp32 (fp64 when the compute dtype is fp64, for gradcheck).
@@ -42,10 +46,10 @@ def _moe_gemm_kernel(
     b2_ptr,  # *int8|float second B of the same shape and strides (read only when DUAL)
     s_ptr,  # *bf16|float scales of B (read only when SCALE_MODE > 0)
     s2_ptr,  # *bf16|float scales of B2 (read only when DUAL and SCALE_MODE > 0)
-    c_ptr,  # *float C [NUMEL, N] out, indexed by the flat (token, slot) row
+    c_ptr,  # *float C [NUMEL, N] out, indexed by the flat (token, slot) row; EPILOGUE 3: [T, N] by token
     g_ptr,  # *fp32 [NUMEL, N] out: pre-activation acc (only when STORE_PREACT; C's strides)
     u_ptr,  # *fp32 [NUMEL, N] out: pre-activation acc2 (only when STORE_PREACT; C's strides)
-    gate_ptr,  # *fp32 [NUMEL] gate of each flat row (read only when EPILOGUE == 2)
+    gate_ptr,  # *fp32 [NUMEL] gate of each flat row (read only when EPILOGUE is 2 or 3)
     sorted_ptr,  # *int32 [MAX_BLOCKS * BLOCK_M] flat row of each GEMM row; NUMEL = padding
     block_expert_ptr,  # *int32 [MAX_BLOCKS] expert of each tile; -1 = no work
     NUMEL,  # T * TOP_K: number of real flat rows (and the padding marker)
@@ -63,7 +67,7 @@ def _moe_gemm_kernel(
     A_BY_TOKEN: tl.constexpr,  # A row = flat // TOP_K (gather the token) instead of the flat row
     DUAL: tl.constexpr,  # also accumulate A @ B2 (gate and up projections share the A tile)
     SCALE_MODE: tl.constexpr,  # 0 float B; 1 int8, scale in the accumulator; 2 int8, dequant per tile
-    EPILOGUE: tl.constexpr,  # 0 plain; 1 gelu_tanh(acc) * acc2; 2 acc * gate
+    EPILOGUE: tl.constexpr,  # 0 plain; 1 gelu_tanh(acc) * acc2; 2 acc * gate; 3 atomic C[token] += acc * gate
     STORE_PREACT: tl.constexpr,  # EPILOGUE 1: also store acc and acc2 in fp32 (for the backward)
     CDTYPE: tl.constexpr,  # compute dtype of the tensor-core inputs
     ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 only for gradcheck runs in fp64)
@@ -140,10 +144,16 @@ def _moe_gemm_kernel(
             tl.store(g_ptr + c_off, acc, mask=c_mask)
             tl.store(u_ptr + c_off, acc2, mask=c_mask)
         acc = _gelu_tanh(acc, C1, C2) * acc2
-    if EPILOGUE == 2:
+    if EPILOGUE >= 2:
         gate = tl.load(gate_ptr + rows, mask=row_mask, other=0.0)
         acc = acc * gate.to(CDTYPE).to(ACC)[:, None]
-    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    if EPILOGUE == 3:
+        # combine in the epilogue: C[token] += gate * y (padding rows masked; C is fp32/fp64 and
+        # zeroed by the wrapper). Each token gets TOP_K additions, from its experts' tiles.
+        t_off = (rows // TOP_K).to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.atomic_add(c_ptr + t_off, acc.to(c_ptr.dtype.element_ty), mask=c_mask, sem="relaxed")
+    else:
+        tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit

@@ -2,6 +2,9 @@
 
 Forward (5 launches):   route -> align -> up GEMM (gather x, w1 and w3 in one pass, gelu*up)
                         -> down GEMM (gate in the epilogue) -> combine (slot sum, no atomics)
+  deterministic=False (4 launches): the down GEMM's epilogue atomically adds gate * y (fp32) into a
+                        zeroed [T, D] buffer by token, and the combine launch is skipped; the order of
+                        the k additions per token is not fixed, so the bits may vary between runs.
 Backward (3 GEMM launches reusing _moe_gemm_kernel with transposed weight strides, + weight grads):
     dA = dout[token] @ w2[e]^T            (int8: B tiles dequantised in the main loop)
     dgate = rowsum(dA * act);  da = gate * dA;  dg, du through gelu_tanh(g) * u   (torch, elementwise)
@@ -280,8 +283,14 @@ def moe_down(
     gates: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
     config: GemmConfig | None = None,
+    deterministic: bool = True,
 ) -> torch.Tensor:
-    """y[t*K+k] = gate[t, k] * (act[t*K+k] @ w2[e]); [T*K, D] fp32 (fp64 for fp64 compute)."""
+    """y[t*K+k] = gate[t, k] * (act[t*K+k] @ w2[e]); [T*K, D] fp32 (fp64 for fp64 compute).
+
+    deterministic=False: the combine happens in the epilogue instead; returns out[t] = sum_k y[t*K+k]
+    as [T, D] fp32 (fp64), accumulated with atomics into a zeroed buffer (no moe_combine needed;
+    the summation order per token is not fixed).
+    """
     _check(act.dim() == 2, f"act must be [T*K, F], got {list(act.shape)}")
     numel, F = act.shape
     _check(w2.dim() == 3 and w2.shape[1] == F, f"w2 must be [E, F={F}, D], got {list(w2.shape)}")
@@ -293,12 +302,17 @@ def moe_down(
     gates = routing.gates if gates is None else gates
     _check(gates.shape == (T, K), f"gates must be [T={T}, K={K}], got {list(gates.shape)}")
     cfg = config or gemm_config(T, K, E)
-    y = torch.empty(numel, D, dtype=torch.float64 if cd == torch.float64 else torch.float32, device=act.device)
+    acc = torch.float64 if cd == torch.float64 else torch.float32
+    if deterministic:
+        y = torch.empty(numel, D, dtype=acc, device=act.device)
+    else:
+        y = torch.zeros(T, D, dtype=acc, device=act.device)  # the atomics accumulate into it
     _launch_gemm(
         act, False, w2, None, scale, None, y, routing, N=D, K=F, kb=w2.stride(1), nb=w2.stride(2), top_k=K,
         numel=numel, cd=cd, cfg=cfg, scale_mode=1 if G else 0, groups=max(G, 1),
         sk=scale.stride(1) if G else 0, sn=scale.stride(2) if G else 0,
-        epilogue=2, gate=gates.float().contiguous() if cd != torch.float64 else gates.contiguous(),
+        epilogue=2 if deterministic else 3,
+        gate=gates.float().contiguous() if cd != torch.float64 else gates.contiguous(),
     )
     return y
 
@@ -362,7 +376,7 @@ class _MoEExperts(torch.autograd.Function):
     """out = sum_k gate_k * w2(gelu_tanh(w1 x) * w3 x) over each token's experts (routing fixed)."""
 
     @staticmethod
-    def forward(ctx, x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg):
+    def forward(ctx, x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, deterministic):
         T, K = routing.topk_ids.shape
         need_grad = any(ctx.needs_input_grad[:5])
         up = moe_up(
@@ -370,8 +384,9 @@ class _MoEExperts(torch.autograd.Function):
             store_preact=need_grad,
         )
         act, g, u = up if need_grad else (up, None, None)
-        y = moe_down(act, w2, routing, scale=s2, gates=gates, compute_dtype=cd, config=cfg)
-        out = moe_combine(y, K, cd)
+        y = moe_down(act, w2, routing, scale=s2, gates=gates, compute_dtype=cd, config=cfg, deterministic=deterministic)
+        # deterministic: combine launch in slot order; otherwise the down GEMM already summed the slots
+        out = moe_combine(y, K, cd) if deterministic else y.to(cd)
         if need_grad:
             ctx.save_for_backward(x, gates, w1, w3, w2, s1, s3, s2, act, g, u)
             ctx.routing, ctx.cd, ctx.cfg = routing, cd, cfg
@@ -407,7 +422,7 @@ class _MoEExperts(torch.autograd.Function):
             dw3 = moe_weight_grad(x, True, du, False, routing, w3, cd=cd)
         if ctx.needs_input_grad[4]:
             dw2 = moe_weight_grad(act, False, dout, True, routing, w2, cd=cd, gates=gates)
-        return dx, dgates.to(gates.dtype), dw1, dw3, dw2, None, None, None, None, None, None
+        return dx, dgates.to(gates.dtype), dw1, dw3, dw2, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,8 +444,13 @@ def fused_moe_triton(
     compute_dtype: torch.dtype | None = None,
     expert_ids: torch.Tensor | None = None,
     config: GemmConfig | None = None,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton MoE layer; same contract as grok_torch.kernels.fused_moe (see there)."""
+    """The Triton MoE layer; same contract as grok_torch.kernels.fused_moe (see there).
+
+    deterministic=False combines the k expert outputs with fp32 atomics in the down GEMM's epilogue
+    (4 launches instead of 5; not bit-reproducible). The backward does not depend on it.
+    """
     _check(x.dim() == 2, f"x must be [T, D], got {list(x.shape)}")
     T, D = x.shape
     _check(w1.dim() == 3, f"w1 must be [E, D, F], got {list(w1.shape)}")
@@ -453,5 +473,5 @@ def fused_moe_triton(
         probs, gates, _ = route(
             x, router_w, renormalize=renormalize, router_softcap=router_softcap, expert_ids=routing.topk_ids
         )
-    out = _MoEExperts.apply(x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg)
+    out = _MoEExperts.apply(x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, bool(deterministic))
     return out, probs, routing.topk_ids.long()

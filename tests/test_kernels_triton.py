@@ -14,7 +14,10 @@ Covers:
     experts with no tokens, all tokens on one expert, dims that need masks;
   * every output is poisoned (NaN / sentinel) before the run and checked fully written;
   * determinism (same bits twice); backward against the reference in fp32 (float and frozen int8
-    weights) and torch.autograd.gradcheck in fp64.
+    weights) and torch.autograd.gradcheck in fp64;
+  * deterministic=False (the combine as fp32 atomics in the down GEMM's epilogue): against the
+    reference (same tolerance table), against deterministic=True (fp32 reassociation; bit-equal for
+    k <= 2), at the moe_down level against the slot sum, and the backward through it.
 """
 import contextlib
 import math
@@ -261,17 +264,21 @@ def test_shape_errors_name_the_argument():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU: the Triton interpreter's bf16 arithmetic is wrong")
+@pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("wkind", ["bf16", "int8"])
 @pytest.mark.parametrize("T", [1, 64, 300])
-def test_bf16_on_gpu(wkind, T):
+def test_bf16_on_gpu(wkind, T, deterministic):
     x, rw, ws, scales = _make_inputs(T, 256, 512, 8, torch.bfloat16 if wkind == "bf16" else torch.int8, seed=T)
     x, rw = x.cuda(), rw.cuda()
     ws = [w.cuda() for w in ws]
     scales = tuple(s.cuda() for s in scales) if scales else None
-    out, _, ids = fused_moe(x, rw, *ws, scales=scales, impl="triton")
+    out, _, ids = fused_moe(x, rw, *ws, scales=scales, impl="triton", deterministic=deterministic)
     ref, _, ref_ids = fused_moe(x, rw, *ws, scales=scales, impl="torch")
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    if not deterministic:  # top_k = 2: the atomic sum is order-independent (up to subnormal flushing)
+        det = fused_moe(x, rw, *ws, scales=scales, impl="triton")[0]
+        torch.testing.assert_close(out, det, atol=1e-6, rtol=2.0**-7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,10 +286,10 @@ def test_bf16_on_gpu(wkind, T):
 # ---------------------------------------------------------------------------------------------
 
 
-def _grads(impl, x, rw, ws, scales, cd, train_weights):
+def _grads(impl, x, rw, ws, scales, cd, train_weights, top_k=2, **kw):
     x, rw = x.clone().requires_grad_(), rw.clone().requires_grad_()
     ws = [w.clone().requires_grad_(train_weights) for w in ws]
-    out, probs, _ = fused_moe(x, rw, *ws, scales=scales, compute_dtype=cd, impl=impl)
+    out, probs, _ = fused_moe(x, rw, *ws, top_k=top_k, scales=scales, compute_dtype=cd, impl=impl, **kw)
     g = torch.Generator().manual_seed(1)
     # a loss through both outputs: the router probabilities are differentiable too
     loss = (out.float() * torch.randn(out.shape, generator=g)).sum() + (probs * torch.randn(probs.shape, generator=g)).sum()
@@ -297,16 +304,17 @@ def _grads(impl, x, rw, ws, scales, cd, train_weights):
 )
 def test_backward_matches_reference(wkind, train_weights, T, top_k):
     x, rw, ws, scales = _make_inputs(T, 32, 48, 8, torch.float32 if wkind == "float" else torch.int8, seed=T)
-    got = _grads("triton", x, rw, ws, scales, torch.float32, train_weights)
-    want = _grads("torch", x, rw, ws, scales, torch.float32, train_weights)
+    got = _grads("triton", x, rw, ws, scales, torch.float32, train_weights, top_k)
+    want = _grads("torch", x, rw, ws, scales, torch.float32, train_weights, top_k)
     for name, a, b in zip(["x", "router_w", "w1", "w3", "w2"], got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
 
 
-def test_gradcheck_fp64():
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_gradcheck_fp64(deterministic):
     x, rw, ws, _ = _make_inputs(3, 16, 16, 4, torch.float64, seed=2)
     args = [t.double().requires_grad_() for t in (x, rw, *ws)]
-    f = lambda *a: fused_moe(*a, compute_dtype=torch.float64, impl="triton")[0]  # noqa: E731
+    f = lambda *a: fused_moe(*a, compute_dtype=torch.float64, impl="triton", deterministic=deterministic)[0]  # noqa: E731
     # routing is piecewise constant: eps this small never flips an expert choice
     assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-6, fast_mode=True)
 
@@ -326,3 +334,75 @@ def test_weight_grads_of_empty_experts_are_zero_and_written():
         assert_written(got)
         assert (got[[0, 1, 3, 4, 6, 7]] == 0).all()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# deterministic=False: the top-k combine as fp32 atomics in the down GEMM's epilogue
+# ---------------------------------------------------------------------------------------------
+
+# (compute dtype, atol, rtol) between deterministic=False and True: the same fp32 terms summed in
+# another order (fp32: a few ulps of the sum of |terms|; fp16: that, then at most one fp16 ulp).
+REASSOC = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-6, 2.0**-10)}
+
+# (T, D, F, top_k, weights, why); E = 8
+ATOMIC_CASES = [
+    (1, 32, 32, 2, "float", "decode: one token"),
+    (37, 40, 24, 2, "int8", "T not a multiple of the block, D needs a column mask; int8 G = 1, 1, 8"),
+    (6, 32, 16, 8, "float", "k = E = 8: eight additions per token"),
+    (9, 16, 32, 1, "int8", "k = 1"),
+]
+ATOMIC_IDS = [f"T{c[0]}-k{c[3]}-{c[4]}" for c in ATOMIC_CASES]
+
+
+@pytest.mark.parametrize("cd, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("T, D, F, top_k, wkind, why", ATOMIC_CASES, ids=ATOMIC_IDS)
+def test_atomic_combine_matches_reference_and_deterministic(cd, atol, rtol, T, D, F, top_k, wkind, why):
+    x, rw, ws, scales = _make_inputs(T, D, F, 8, cd if wkind == "float" else torch.int8, seed=3 * T + top_k)
+    kw = dict(top_k=top_k, scales=scales, compute_dtype=cd)
+    with poisoned_outputs():  # every torch.empty of the wrappers NaN; the atomics' buffer is zeroed
+        out, probs, ids = fused_moe(x, rw, *ws, impl="triton", deterministic=False, **kw)
+    # every element must hold its k contributions: NaN from a poisoned buffer or a missed row/column
+    # (left at 0) would fail the comparisons below
+    assert_written(out, probs)
+    assert out.dtype == cd and out.shape == (T, D)
+    ref, ref_probs, ref_ids = fused_moe(x, rw, *ws, impl="torch", **kw)
+    ref_nd = fused_moe(x, rw, *ws, impl="torch", deterministic=False, **kw)[0]
+    assert torch.equal(ref, ref_nd), "the reference ignores the flag"
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    det = fused_moe(x, rw, *ws, impl="triton", **kw)[0]
+    torch.testing.assert_close(out, det, atol=REASSOC[cd][0], rtol=REASSOC[cd][1])
+    if top_k <= 2:  # 0 + a = a and a + b = b + a exactly: the order cannot matter
+        assert torch.equal(out, det)
+
+
+@pytest.mark.parametrize("cd", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T, D, F, E, top_k, block_m, why", [SHAPES[2], SHAPES[4]], ids=[SHAPE_IDS[2], SHAPE_IDS[4]])
+def test_moe_down_atomic_is_the_slot_sum(cd, T, D, F, E, top_k, block_m, why):
+    """moe_down(deterministic=False) returns [T, D] fp32: the slot sum of its deterministic [T*K, D] rows."""
+    x, rw, ws, _ = _make_inputs(T, D, F, E, cd, seed=50 + T)
+    cfg = GemmConfig(block_m=block_m, **SMALL_TILES)  # several column tiles, masked columns
+    r = moe_route(x, rw, top_k, block_m=block_m)
+    act = moe_up(x, ws[0], ws[1], r, config=cfg)
+    with poisoned_outputs():
+        y = moe_down(act, ws[2], r, config=cfg)
+        out = moe_down(act, ws[2], r, config=cfg, deterministic=False)
+    assert_written(y, out)
+    assert out.dtype == torch.float32 and out.shape == (T, D)
+    torch.testing.assert_close(out, y.view(T, top_k, D).sum(1), atol=1e-6, rtol=1e-5)
+    if top_k <= 2:
+        assert torch.equal(ops.moe_combine(y, top_k, torch.float32), out)
+
+
+@pytest.mark.parametrize(
+    "wkind, train_weights, T, top_k",
+    [("float", True, 11, 2), ("int8", False, 5, 8)],
+    ids=["fp32-weights-k2", "frozen-int8-G8-k8"],
+)
+def test_backward_through_atomic_combine(wkind, train_weights, T, top_k):
+    x, rw, ws, scales = _make_inputs(T, 32, 48, 8, torch.float32 if wkind == "float" else torch.int8, seed=20 + T)
+    got = _grads("triton", x, rw, ws, scales, torch.float32, train_weights, top_k, deterministic=False)
+    want = _grads("torch", x, rw, ws, scales, torch.float32, train_weights, top_k, deterministic=False)
+    for name, a, b in zip(["x", "router_w", "w1", "w3", "w2"], got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")

@@ -16,6 +16,8 @@ Rows: shape x tokens T x routing x weight dtype x implementation.
             grouped_mm = torch._grouped_mm over expert-sorted rows (bf16 weights only; int8 would need a
                          dequantised copy, which is not the same problem), CUDA-graph replayed
             triton     = grok_torch.kernels.fused_moe(impl="triton"), CUDA-graph replayed
+            triton-atomic = the same with deterministic=False: the top-k combine as fp32 atomics in the
+                         down GEMM's epilogue (4 launches, no [T*k, D] intermediate), CUDA-graph replayed
 Columns: median time (us) over replays, TF/s (useful flops 2*T*k*3*D*F), GB/s (unique bytes: the
 weights of the experts that got tokens + x + out), and % of roofline = max(bytes / copy bandwidth,
 flops / matmul rate) / time, with the copy bandwidth (device-to-device copy of 1 GiB) and the bf16
@@ -89,6 +91,10 @@ def impl_triton(x, router_w, ws, scales, cd):
     return lambda: fused_moe(x, router_w, *ws, scales=scales, compute_dtype=cd, impl="triton")
 
 
+def impl_triton_atomic(x, router_w, ws, scales, cd):
+    return lambda: fused_moe(x, router_w, *ws, scales=scales, compute_dtype=cd, impl="triton", deterministic=False)
+
+
 def impl_grouped_mm(x, router_w, ws, scales, cd):
     """torch._grouped_mm: sort rows by expert, three grouped GEMMs, gate and scatter back. bf16 only."""
     if scales is not None or not hasattr(torch, "_grouped_mm"):
@@ -119,7 +125,12 @@ def impl_grouped_mm(x, router_w, ws, scales, cd):
     return run
 
 
-IMPLS = {"reference": impl_reference, "grouped_mm": impl_grouped_mm, "triton": impl_triton}
+IMPLS = {
+    "reference": impl_reference,
+    "grouped_mm": impl_grouped_mm,
+    "triton": impl_triton,
+    "triton-atomic": impl_triton_atomic,
+}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@
 
 Each variant is (kernel, pointer dtypes, constexprs, launch options), built from the same tile
 configurations (`ops.gemm_config`) and flags the wrappers use. The output is one JSON line per
-variant: its name, compile seconds and the tensor-core instructions found in its PTX (`wgmma` on
-sm_90, `mma` on sm_80). tests/test_kernels_aot.py runs this in a subprocess with the interpreter
+variant: its name, compile seconds, the tensor-core instructions found in its PTX (`wgmma` on
+sm_90, `mma` on sm_80) and its atomic adds (`red`/`atom ... .add`: only the `down-atomic-*`
+variants, the deterministic=False epilogue, have any). tests/test_kernels_aot.py runs this in a subprocess with the interpreter
 off, because TRITON_INTERPRET (set on CPU-only machines) makes `triton.jit` return interpreter
 objects that cannot be compiled.
 """
@@ -43,7 +44,7 @@ class Variant:
 
 def _gemm_variant(name, cfg, *, cd, wdtype, scale_mode, dual, epilogue, a_by_token, preact=False, a_dtype="fp32"):
     acc = "fp32"
-    out = {1: cd, 2: acc, 0: acc}[epilogue]
+    out = {1: cd, 2: acc, 3: acc, 0: acc}[epilogue]
     ptrs = dict(
         a_ptr=a_dtype, b_ptr=wdtype, b2_ptr=wdtype, s_ptr="bf16", s2_ptr="bf16", c_ptr=out,
         g_ptr=acc, u_ptr=acc, gate_ptr="fp32", sorted_ptr="i32", block_expert_ptr="i32",
@@ -71,6 +72,9 @@ def variants(full: bool = False) -> list[Variant]:
                                              scale_mode=mode, dual=True, epilogue=1, a_by_token=True, preact=preact))
                 out.append(_gemm_variant(f"down-{tag}", cfg, cd=cd, wdtype=wdtype, scale_mode=mode, dual=False,
                                          epilogue=2, a_by_token=False, a_dtype=cd))
+                # deterministic=False: the top-k combine as fp32 atomics in the epilogue
+                out.append(_gemm_variant(f"down-atomic-{tag}", cfg, cd=cd, wdtype=wdtype, scale_mode=mode,
+                                         dual=False, epilogue=3, a_by_token=False, a_dtype=cd))
                 if full:  # backward: dout @ w2^T (gathered by token), dg @ w1^T (per row)
                     bmode = 2 if mode else 0
                     out.append(_gemm_variant(f"bwd-dA-{tag}", cfg, cd=cd, wdtype=wdtype, scale_mode=bmode, dual=False,
@@ -136,6 +140,7 @@ def compile_variant(v: Variant, arch: int = 90) -> dict:
     return dict(
         name=v.name, seconds=round(time.time() - t0, 1), is_gemm=v.is_gemm,
         wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)),
+        atomics=len(re.findall(r"\b(?:red|atom)(?:\.[a-z0-9_]+)*\.add\b", ptx)),
     )
 
 

@@ -4,7 +4,8 @@ Runs `python -m grok_torch.kernels.aot` in a subprocess with TRITON_INTERPRET=0:
 kernels may already be interpreter objects (ops.py turns the interpreter on where there is no CUDA).
 By default it compiles the Grok-1 release path (int8 weights, bf16 compute) for every tile config;
 Under CI (or GROK_AOT_FULL=1) it also compiles every variant (bf16/fp16/fp32, float and int8, forward
-and backward).
+and backward, and the down GEMM with the atomic combine epilogue of deterministic=False). Only those
+`down-atomic-*` variants may contain atomic adds; every other kernel (the deterministic default) none.
 """
 import json
 import os
@@ -41,7 +42,16 @@ def test_compiles_for_sm90_with_tensor_cores(full):
     names = {r["name"] for r in results}
     assert {"router-E8-k2", "align-E8", "combine-k2-bf16"} <= names
     gemms = [r for r in results if r["is_gemm"]]
-    assert len(gemms) >= 2 * len(TILE_CONFIGS)
+    assert len(gemms) >= 3 * len(TILE_CONFIGS)
+    # deterministic=False: the atomic-epilogue down GEMM, for every tile config (and, full, every dtype)
+    cds, wkinds = (("bf16", "fp16", "fp32"), ("int8", "float")) if full else (("bf16",), ("int8",))
+    want_atomic = {f"down-atomic-{t}-{cd}-{w}" for t in TILE_CONFIGS for cd in cds for w in wkinds}
+    assert want_atomic <= names, sorted(want_atomic - names)
+    for r in results:
+        if r["name"].startswith("down-atomic-"):
+            assert r["atomics"] > 0, f"{r['name']}: no atomic add in the PTX"
+        else:
+            assert r["atomics"] == 0, f"{r['name']}: atomics in a deterministic kernel"
     for r in gemms:
         if re.search(r"-fp32(-|$)", r["name"]):
             continue  # fp32 compute is exact fp32 on purpose (input_precision="ieee"): FMA, not tf32 MMA

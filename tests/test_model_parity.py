@@ -216,3 +216,25 @@ def test_fp32_logits_on_the_triton_kernels(converted, ref):
     mx, mean = diff(logits, want, valid[rows])
     top1 = (logits.argmax(-1) == want.argmax(-1))[valid[rows]].float().mean().item()
     assert mx < 1e-3 and mean < 3e-5 and top1 == 1.0, f"max {mx:.3g} mean {mean:.3g} top1 {top1:.3f}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: bf16 through the Triton kernels")
+@pytest.mark.parametrize("deterministic", [True, False])
+@torch.no_grad()
+def test_bf16_on_gpu_with_triton_kernels(converted, ref, deterministic, monkeypatch):
+    """The released path on a GPU (int8 weights, bf16, Triton MoE) within the same SPEC §8 bounds."""
+    import grok_torch.kernels as kernels
+
+    if not deterministic:  # route the model's MoE through the atomic-combine epilogue
+        real = kernels.fused_moe
+        monkeypatch.setattr(kernels, "fused_moe", lambda *a, **k: real(*a, deterministic=False, **k))
+    tok, valid, _, _ = inputs(ref)
+    m = Grok.from_pretrained(converted("int8"), dtype=BF16, device="cuda", impl="auto")
+    want = ref("logits").cuda()
+    valid = valid.cuda()
+    for forced, (mean_tol, top1_tol) in ((True, (0.05, 0.95)), (False, (0.08, 0.85))):
+        ids = ref("router_topk_idx").long().cuda() if forced else None
+        logits = m(tok.cuda(), expert_ids=ids)
+        mx, mean = diff(logits, want, valid)
+        top1 = (logits.argmax(-1) == want.argmax(-1))[valid].float().mean().item()
+        assert mean < mean_tol and top1 > top1_tol, f"forced={forced}: max {mx:.3g} mean {mean:.3g} top1 {top1:.3f}"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every check that only a GPU can make, in one run, with all results written under $OUT.
+#
+# On a machine with a CUDA GPU and torch + triton already installed (no network needed):
+#     OUT=gpu-results bash scripts/gpu_check.sh
+# From a development session with the `device` tool (../shared does not travel, so carry a copy):
+#     mkdir -p .gpu/shared && cp -r ../shared/grok1 .gpu/shared/        # once; .gpu/ is git-ignored
+#     device run, carry [".gpu"], command "bash scripts/gpu_check.sh"
+#
+# Runs: the GPU-only tests (bf16 kernels vs the reference, the released int8/bf16 model on the
+# Triton kernels vs the official fixture), then bench_moe.py and bench_generate.py. Copy the
+# figures into BENCHMARKS.md with the date, device and commit.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+
+# Import grok_torch.kernels / grok_torch.convert from the source tree without installing (the GPU
+# image ships its own torch/triton, and pip cannot reach an index there): link them in place.
+for pkg in kernels convert; do [ -e "grok_torch/$pkg" ] || ln -s "../$pkg" "grok_torch/$pkg"; done
+[ -d ../shared/grok1 ] || { [ -d .gpu/shared/grok1 ] && ln -sfn "$PWD/.gpu/shared" ../shared; }
+
+{ git rev-parse --short HEAD 2>/dev/null; date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } \
+  2>&1 | tee "$out/machine.txt"
+
+status=0
+python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_triton.py tests/test_model_parity.py -k gpu 2>&1 \
+  | tee "$out/gpu_tests.log" || status=1
+python3 benchmarks/bench_moe.py --csv "$out/bench_moe.csv" 2>&1 | tee "$out/bench_moe.log" || status=1
+python3 benchmarks/bench_generate.py 2>&1 | tee "$out/bench_generate.log" || status=1
+exit $status

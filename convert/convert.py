@@ -117,24 +117,29 @@ def _write_json_atomic(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------
 # Reading and checking the source
 # ---------------------------------------------------------------------------------------------
-def _detect_config(ckpt: Path, refs: Dict[int, TensorRef], n_files: int) -> GrokConfig:
+def _detect_config(ckpt: Path, refs: Dict[int, TensorRef], present: set) -> GrokConfig:
+    """The named config whose first layer's shapes the files show (missing files are reported later)."""
     for name in CONFIGS:
         cfg = GrokConfig.from_name(name)
-        if num_tensors(cfg) != n_files:
+        if max(present) >= num_tensors(cfg):
             continue
-        specs = param_order(cfg)[:14]
-        if all(_check(s, _ref(ckpt, refs, s.index)) is None for s in specs):
+        specs = [s for s in param_order(cfg)[:14] if s.index in present]
+        if all(_check(s, _read(ckpt, refs, s)) is None for s in specs):
             return cfg
-    emb = _ref(ckpt, refs, 0)
-    shape = emb.shape if isinstance(emb, ArrayRef) else "?"
-    raise ConvertError(f"{ckpt}: {n_files} tensor files, embedding {shape}: this matches no named config "
+    emb = _read(ckpt, refs, param_order(GrokConfig.from_name("tiny"))[0])
+    shape = list(emb.shape) if isinstance(emb, ArrayRef) else "?"
+    raise ConvertError(f"{ckpt}: {len(present)} tensor files, embedding {shape}: this matches no named config "
                        f"({', '.join(CONFIGS)}); pass --config PATH.json describing the model")
 
 
-def _ref(ckpt: Path, refs: Dict[int, TensorRef], i: int) -> TensorRef:
-    if i not in refs:
-        refs[i] = read_tensor_file(ckpt / f"tensor{i:05d}_000")
-    return refs[i]
+def _read(ckpt: Path, refs: Dict[int, TensorRef], spec: ParamSpec) -> TensorRef:
+    """The (cached) description of ``spec``'s file; errors name the file and the parameter."""
+    if spec.index not in refs:
+        try:
+            refs[spec.index] = read_tensor_file(ckpt / spec.file)
+        except CheckpointError as e:
+            raise type(e)(f"{e} [parameter {spec.path}]") from None
+    return refs[spec.index]
 
 
 def _check(spec: ParamSpec, ref: TensorRef) -> Optional[str]:
@@ -162,10 +167,9 @@ def read_source(ckpt: Path, config: Union[None, str, GrokConfig]):
         raise ConvertError(f"{ckpt}: no tensorNNNNN_000 files")
     refs: Dict[int, TensorRef] = {}
     if config is None:
-        n_files = max(present) + 1
         if 0 not in present:
             raise ConvertError(f"{ckpt}: tensor00000_000 (language_model/in_out_embed/embeddings) is missing")
-        cfg = _detect_config(ckpt, refs, n_files)
+        cfg = _detect_config(ckpt, refs, present)
     else:
         cfg = config if isinstance(config, GrokConfig) else GrokConfig.load(config)
     specs = param_order(cfg)
@@ -178,11 +182,7 @@ def read_source(ckpt: Path, config: Union[None, str, GrokConfig]):
         raise ConvertError(f"{ckpt}: files tensor{extra[0]:05d}_000 ... ({len(extra)} extra) do not belong to "
                            f"config {cfg.name!r} ({len(specs)} tensors); wrong --config?")
     for s in specs:
-        try:
-            ref = _ref(ckpt, refs, s.index)
-        except CheckpointError as e:
-            raise type(e)(f"{e} [parameter {s.path}]") from None
-        problem = _check(s, ref)
+        problem = _check(s, _read(ckpt, refs, s))
         if problem:
             raise ConvertError(f"{ckpt / s.file} ({s.path}): {problem} for config {cfg.name!r}")
     return cfg, specs, refs

@@ -451,3 +451,16 @@ def test_ctrl_c_stops_promptly_and_resumes(synth, tmp_path):
     assert len(kept) <= total - 3, f"{len(kept)} of {total} shards written: the interrupt did not stop the queue"
     assert _cli(synth, out, *args, "--resume").returncode == 0
     assert verify_conversion(out, synth, quiet=True) == []
+
+
+def test_auto_detection_reports_missing_and_truncated_files_fully(synth, tmp_path):
+    (synth / "ckpt-0" / "tensor00145_000").unlink()           # the last file: the count no longer fits
+    (synth / "ckpt-0" / "tensor00004_000").unlink()           # a file the detection reads
+    with pytest.raises(ConvertError) as e:
+        convert_checkpoint(synth, tmp_path / "out", quiet=True)
+    assert "2 of 146" in str(e.value) and "tensor00145_000" in str(e.value) and "tensor00004_000" in str(e.value)
+    f = synth / "ckpt-0" / "tensor00003_000"
+    f.write_bytes(f.read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match=r"tensor00003_000.*truncated.*decoder_layer_0/moe/linear_1/w"):
+        convert_checkpoint(synth, tmp_path / "out", quiet=True)
+    _assert_no_output(tmp_path / "out")

@@ -397,7 +397,11 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, plan_key: str) -> Dic
     state_path = out / STATE_FILE
     entries = [p for p in out.iterdir()]
     if resume and state_path.exists():
-        state = json.loads(state_path.read_text())
+        try:
+            state = json.loads(state_path.read_text())
+            state["done"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConvertError(f"{state_path} is unreadable ({e}); rerun with --overwrite to start again") from None
         if state.get("plan_key") != plan_key:
             raise ConvertError(f"{out} holds an interrupted conversion with different source, options or config; "
                                "rerun with the same arguments, or with --overwrite to start again")

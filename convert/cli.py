@@ -79,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            workers=a.workers, tokenizer=a.tokenizer, resume=a.resume, overwrite=a.overwrite,
                            quiet=a.quiet, plain_dtype=a.plain_dtype, chunk_size=a.chunk_size)
         return 0
-    except (ConvertError, CheckpointError, ValueError, KeyError) as e:
+    except (ConvertError, CheckpointError, ValueError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"grok-convert: error: {msg}", file=sys.stderr)
         return 1

@@ -42,8 +42,8 @@ INDEX_FILE = "model.safetensors.index.json"
 RECORD_FILE = "grok_convert.json"
 STATE_FILE = ".grok-convert-state.json"
 DTYPE_NAMES = {"int8": "int8", "bf16": "bfloat16", "fp32": "float32"}
-_OUR_FILES = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors(\.partial)?|model\.safetensors\.index\.json|"
-                        r"config\.json|tokenizer\.model|grok_convert\.json|\.grok-convert-state\.json)$")
+_OUR_FILES = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|"
+                        r"config\.json|tokenizer\.model|grok_convert\.json|\.grok-convert-state\.json)(\.partial)?$")
 # Test-only fault injection: signal ourselves (SIGKILL, or GROK_CONVERT_FAULT_SIGNAL) once this many
 # bytes were written (resume and interrupt tests).
 _FAULT_ENV = "GROK_CONVERT_FAULT_AFTER_BYTES"
@@ -391,7 +391,7 @@ def _tokenizer_size(p: Path) -> int:
         raise ConvertError(f"{p}: not a SentencePiece model ({e})") from None
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool, plan_key: str) -> Dict[str, dict]:
+def _prepare_out(out: Path, resume: bool, overwrite: bool, plan_key: str, keep: Optional[Path] = None) -> Dict[str, dict]:
     """Returns the shards already finished (resume) after checking OUT may be written."""
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE
@@ -399,16 +399,18 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, plan_key: str) -> Dic
     if resume and state_path.exists():
         try:
             state = json.loads(state_path.read_text())
-            state["done"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConvertError(f"{state_path} is unreadable ({e}); rerun with --overwrite to start again") from None
+            done = {f: r for f, r in state["done"].items()
+                    if (out / f).exists() and (out / f).stat().st_size == r["size"] and r["sha256"]}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConvertError(f"{state_path} is unreadable ({type(e).__name__}: {e}); "
+                               "rerun with --overwrite to start again") from None
         if state.get("plan_key") != plan_key:
-            raise ConvertError(f"{out} holds an interrupted conversion with different source, options or config; "
-                               "rerun with the same arguments, or with --overwrite to start again")
+            raise ConvertError(f"{out} holds an interrupted conversion with different source (or source files "
+                               "changed since), options or config; rerun with the same arguments, or with "
+                               "--overwrite to start again")
         for p in out.glob("*.partial"):
             p.unlink()
-        return {f: r for f, r in state["done"].items()
-                if (out / f).exists() and (out / f).stat().st_size == r["size"]}
+        return done
     if resume and (out / INDEX_FILE).exists():
         raise ConvertError(f"{out} already holds a finished conversion (nothing to resume); "
                            "use `grok-convert verify` to check it, or --overwrite to convert again")
@@ -418,7 +420,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, plan_key: str) -> Dic
                            "--overwrite to replace a previous one, or choose an empty directory")
     if overwrite:
         for p in entries:
-            if p.is_file() and _OUR_FILES.match(p.name):
+            if p.is_file() and _OUR_FILES.match(p.name) and not (keep and p.resolve() == keep.resolve()):
                 p.unlink()
     return {}
 
@@ -459,18 +461,24 @@ def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dt
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     if plain_dtype not in ("fp32", "bf16"):
         raise ConvertError(f"--plain-dtype must be fp32 or bf16, got {plain_dtype!r}")
+    if parse_size(chunk_size) < 1 << 16:
+        raise ConvertError(f"--chunk-size must be at least 64KiB, got {chunk_size!r}")
     log = (lambda msg: None) if quiet else (lambda msg: print(f"grok-convert: {msg}", flush=True))
     out = Path(out)
     ckpt = find_ckpt_dir(src)
+    if ckpt.resolve().is_relative_to(out.resolve()):
+        raise ConvertError(f"OUT {out} contains the source checkpoint {ckpt}: choose a separate output directory")
     cfg, specs, refs = read_source(ckpt, config)
     cfg = cfg.replace(weight_format=dtype)
     tok = _find_tokenizer(ckpt, tokenizer, cfg.vocab_size, log)
     shards = plan_shards(plan_tensors(specs, dtype, plain_dtype), parse_size(shard_size))
     source_files = [{"name": s.file, "size": (ckpt / s.file).stat().st_size} for s in specs]
     options = {"dtype": dtype, "plain_dtype": plain_dtype, "shard_size": parse_size(shard_size)}
-    plan_key = hashlib.sha256(json.dumps([options, cfg.to_dict(), source_files], sort_keys=True).encode()).hexdigest()
+    mtimes = [(ckpt / s.file).stat().st_mtime_ns for s in specs]   # a replaced source must not resume
+    plan_key = hashlib.sha256(json.dumps([options, cfg.to_dict(), source_files, mtimes],
+                                         sort_keys=True).encode()).hexdigest()
 
-    done = _prepare_out(out, resume, overwrite, plan_key)
+    done = _prepare_out(out, resume, overwrite, plan_key, keep=tok)
     todo = [s for s in shards if s.file not in done]
     need = sum(s.size for s in todo)
     free = _free_bytes(out)
@@ -513,7 +521,7 @@ def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dt
 
     records = [state["done"][s.file] for s in shards]
     cfg.to_json(out / "config.json")
-    if tok is not None:
+    if tok is not None and tok.resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(tok, out / "tokenizer.model")
     _write_json_atomic(out / RECORD_FILE, {
         "format_version": 1,
@@ -521,6 +529,7 @@ def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dt
         "source": {"files": source_files},
         "options": options,
         "config_name": cfg.name,
+        "config_sha256": _file_sha256(out / "config.json"),
         "shards": records,
     })
     weight_map = {t.name: s.file for s in shards for t in s.tensors}
@@ -536,43 +545,113 @@ def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dt
 # ---------------------------------------------------------------------------------------------
 def verify_conversion(out: "str | os.PathLike", src: "str | os.PathLike | None" = None, *,
                       quiet: bool = False) -> List[str]:
-    """Re-hash every shard against the record; with ``src``, also check the source files and re-derive
-    every tensor from them. Returns the list of problems (empty = verified)."""
+    """Check a conversion; returns the list of problems (empty = verified).
+
+    Re-hashes every shard and config.json against the record, and checks that the output loads:
+    the index names exactly the tensors the config and options call for, and every shard header
+    holds them with the planned dtype, shape and contiguous offsets. With ``src``, also checks the
+    source files and re-derives every tensor from them.
+    """
     out = Path(out)
     rec_path = out / RECORD_FILE
     if not rec_path.exists():
         raise ConvertError(f"{out}: no {RECORD_FILE}; is this a finished grok-convert output?")
-    record = json.loads(rec_path.read_text())
-    problems: List[str] = []
-    index = json.loads((out / INDEX_FILE).read_text()) if (out / INDEX_FILE).exists() else None
-    if index is None:
-        problems.append(f"{INDEX_FILE} is missing")
-    progress = _Progress(sum(r["size"] for r in record["shards"]), 0, quiet, desc="grok-convert verify")
     try:
-        for r in record["shards"]:
-            p = out / r["file"]
+        record = json.loads(rec_path.read_text())
+        shard_records = {r["file"]: r for r in record["shards"]}
+        options = record["options"]
+        [(r["size"], r["sha256"]) for r in shard_records.values()]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConvertError(f"{rec_path} is unreadable ({type(e).__name__}: {e})") from None
+    problems: List[str] = []
+    progress = _Progress(sum(r["size"] for r in shard_records.values()), 0, quiet, desc="grok-convert verify")
+    try:
+        for f, r in shard_records.items():
+            p = out / f
             if not p.exists():
-                problems.append(f"{r['file']}: missing")
-                continue
-            if p.stat().st_size != r["size"]:
-                problems.append(f"{r['file']}: size {p.stat().st_size}, recorded {r['size']}")
-                continue
-            digest = _file_sha256(p, progress)
-            if digest != r["sha256"]:
-                problems.append(f"{r['file']}: sha256 {digest} differs from the recorded {r['sha256']}")
+                problems.append(f"{f}: missing")
+            elif p.stat().st_size != r["size"]:
+                problems.append(f"{f}: size {p.stat().st_size}, recorded {r['size']}")
+            else:
+                digest = _file_sha256(p, progress)
+                if digest != r["sha256"]:
+                    problems.append(f"{f}: sha256 {digest} differs from the recorded {r['sha256']}")
     finally:
         progress.close()
-    if index is not None:
-        shard_files = {r["file"] for r in record["shards"]}
-        stray = sorted({f for f in index["weight_map"].values()} - shard_files)
-        if stray:
-            problems.append(f"{INDEX_FILE} names shards not in the record: {', '.join(stray)}")
-    if src is not None:
+    cfg_path = out / "config.json"
+    if not cfg_path.exists():
+        return problems + ["config.json is missing"]
+    if record.get("config_sha256") and _file_sha256(cfg_path) != record["config_sha256"]:
+        problems.append("config.json differs from the one written by the conversion")
+    try:
+        cfg = GrokConfig.from_json(cfg_path)
+    except ValueError as e:
+        return problems + [f"config.json: {e}"]
+    planned = {t.name: t for t in plan_tensors(param_order(cfg), options["dtype"], options["plain_dtype"])}
+    index = _read_index(out, problems)
+    if index is None:
+        return problems
+    missing = sorted(set(planned) - set(index))
+    extra = sorted(set(index) - set(planned))
+    if missing or extra:
+        problems.append(f"{INDEX_FILE} does not name the tensors of this conversion (missing: "
+                        f"{', '.join(missing[:5]) or '-'}; unexpected: {', '.join(extra[:5]) or '-'})")
+    stray = sorted(set(index.values()) - set(shard_records))
+    if stray:
+        problems.append(f"{INDEX_FILE} names shards not in the record: {', '.join(stray)}")
+    for f in shard_records:
+        if (out / f).exists():
+            problems += _check_shard_header(out / f, planned, {n for n, g in index.items() if g == f})
+    if src is not None and not problems:
         problems += _verify_against_source(out, Path(src), record, index, quiet)
     return problems
 
 
-def _verify_against_source(out: Path, src: Path, record: dict, index: Optional[dict], quiet: bool) -> List[str]:
+def _read_index(out: Path, problems: List[str]) -> Optional[Dict[str, str]]:
+    """weight_map of the index, or None (with the problem recorded)."""
+    try:
+        index = json.loads((out / INDEX_FILE).read_text())["weight_map"]
+        if not isinstance(index, dict):
+            raise TypeError("weight_map is not an object")
+        return index
+    except FileNotFoundError:
+        problems.append(f"{INDEX_FILE} is missing")
+    except (ValueError, KeyError, TypeError) as e:
+        problems.append(f"{INDEX_FILE} is malformed ({type(e).__name__}: {e})")
+    return None
+
+
+def _check_shard_header(path: Path, planned: Dict[str, OutTensor], names: set) -> List[str]:
+    """The shard holds exactly ``names``, each with the planned dtype and shape, contiguously."""
+    from grok_torch.convert.safetensors_io import ST_DTYPES
+    try:
+        start, header = read_header(str(path))
+    except (ValueError, OSError) as e:
+        return [f"{path.name}: unreadable safetensors header ({e})"]
+    header.pop("__metadata__", None)
+    problems = []
+    if set(header) != names:
+        problems.append(f"{path.name}: holds {sorted(set(header) - names)[:3]} beyond the index, "
+                        f"lacks {sorted(names - set(header))[:3]}")
+    end = start
+    for name, h in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]):
+        t = planned.get(name)
+        if t is None:
+            continue
+        if h.get("dtype") != ST_DTYPES[t.dtype] or h.get("shape") != list(t.shape):
+            problems.append(f"{path.name}: {name} is {h.get('dtype')} {h.get('shape')}, "
+                            f"expected {ST_DTYPES[t.dtype]} {list(t.shape)}")
+        b, e = h.get("data_offsets", [None, None])
+        if b != end - start or e != b + t.nbytes:
+            problems.append(f"{path.name}: {name} has data offsets {h.get('data_offsets')}, expected "
+                            f"[{end - start}, {end - start + t.nbytes}]")
+        end = start + (e if isinstance(e, int) else 0)
+    if end != path.stat().st_size:
+        problems.append(f"{path.name}: data ends at byte {end}, the file has {path.stat().st_size}")
+    return problems
+
+
+def _verify_against_source(out: Path, src: Path, record: dict, index: Dict[str, str], quiet: bool) -> List[str]:
     problems: List[str] = []
     ckpt = find_ckpt_dir(src)
     for f in record["source"]["files"]:
@@ -581,14 +660,14 @@ def _verify_against_source(out: Path, src: Path, record: dict, index: Optional[d
             problems.append(f"source {p}: missing")
         elif p.stat().st_size != f["size"]:
             problems.append(f"source {p}: size {p.stat().st_size}, recorded {f['size']}")
-    if problems or index is None:
+    if problems:
         return problems
     cfg = GrokConfig.from_json(out / "config.json")
     _, specs, refs = read_source(ckpt, cfg.replace(weight_format="int8"))
     opts = record["options"]
     tensors = {t.name: t for t in plan_tensors(specs, opts["dtype"], opts["plain_dtype"])}
     by_shard: Dict[str, List[str]] = {}
-    for name, f in index["weight_map"].items():
+    for name, f in index.items():
         by_shard.setdefault(f, []).append(name)
     progress = _Progress(sum(t.nbytes for t in tensors.values()), 0, quiet, desc="grok-convert verify --src")
     try:

@@ -241,6 +241,16 @@ class _Reader:
 
     # -- main loop --------------------------------------------------------------------------
     def run(self) -> TensorRef:
+        try:
+            return self._run()
+        except CheckpointError:
+            raise
+        except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError, struct.error,
+                OverflowError, RecursionError) as e:
+            # malformed input reaching a Python operation: still a clear error naming the file
+            raise self.fail(f"corrupt pickle near byte {self.f.tell()}: {type(e).__name__}: {e}") from None
+
+    def _run(self) -> TensorRef:
         f, st = self.f, self.stack
         u8 = struct.Struct("<B").unpack
         while True:

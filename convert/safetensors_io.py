@@ -79,5 +79,10 @@ def read_header(path: str) -> Tuple[int, Dict[str, dict]]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     return 8 + n, header

@@ -29,6 +29,8 @@ from grok_torch.convert import convert as convert_mod
 from grok_torch.convert.synthetic import write_checkpoint
 from grok_torch.convert.weight_map import layer_order, param_order
 
+from conftest import require
+
 TINY = Path(__file__).resolve().parents[2] / "shared" / "grok1" / "tiny_ref"
 
 
@@ -410,18 +412,14 @@ def test_cli_help_reads_well():
 
 
 def test_tokenizer_is_copied_when_it_matches(synth, tmp_path):
-    tok = TINY.parent / "tokenizer.model"
-    if not tok.exists():
-        pytest.skip("real tokenizer.model not present")
+    tok = require(TINY.parent / "tokenizer.model", "the real Grok-1 tokenizer.model")
     with pytest.raises(ConvertError, match="131072 pieces.*vocab_size is 512"):
         convert_checkpoint(synth, tmp_path / "a", tokenizer=str(tok), quiet=True)
     _assert_no_output(tmp_path / "a")
 
 
 def test_tokenizer_found_next_to_src_is_copied(tmp_path):
-    tok = TINY.parent / "tokenizer.model"
-    if not tok.exists():
-        pytest.skip("real tokenizer.model not present")
+    tok = require(TINY.parent / "tokenizer.model", "the real Grok-1 tokenizer.model")
     cfg = GrokConfig.from_name("tiny", vocab_size=131072, num_layers=1).replace(name="tiny-bigvocab")
     write_checkpoint(tmp_path / "release" / "checkpoints", cfg)
     shutil.copyfile(tok, tmp_path / "release" / "tokenizer.model")      # the release's layout
@@ -464,3 +462,91 @@ def test_auto_detection_reports_missing_and_truncated_files_fully(synth, tmp_pat
     with pytest.raises(CheckpointError, match=r"tensor00003_000.*truncated.*decoder_layer_0/moe/linear_1/w"):
         convert_checkpoint(synth, tmp_path / "out", quiet=True)
     _assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("data", [
+    b"\x80\x04q\x00.",                                    # BINPUT with nothing on the stack
+    b"\x80\x04\x8c\x02\xff\xfe.",                        # invalid UTF-8 in a string
+    b"\x80\x04}(}K\x01u.",                                 # a dict used as a dict key
+    b"\x80\x04\x8c\x15numpy.core.multiarray\x8c\x0c_reconstruct\x93\x8c\x05numpy\x8c\x07ndarray\x93"
+    b"K\x00\x85C\x01b\x87R(K\x01K\x02\x85\x8c\x05numpy\x8c\x05dtype\x93\x8c\x02f4\x89\x88\x87R"
+    b"\x89K\x07tb.",                                         # array data that is an int, not bytes
+], ids=["binput-empty", "bad-utf8", "unhashable-key", "int-data"])
+def test_malformed_pickles_are_checkpoint_errors(tmp_path, data):
+    f = tmp_path / "tensor00000_000"
+    f.write_bytes(data)
+    with pytest.raises(CheckpointError, match="tensor00000_000.*corrupt"):
+        read_tensor_file(f)
+
+
+def test_out_must_not_contain_the_source(tmp_path):
+    src = tmp_path / "release"
+    write_checkpoint(src, "tiny")
+    (src / "tokenizer.model").write_bytes(b"the user's file")
+    for out in (src, src / "ckpt-0", tmp_path):
+        with pytest.raises(ConvertError, match="contains the source checkpoint"):
+            convert_checkpoint(src, out, overwrite=True, quiet=True)
+    assert (src / "tokenizer.model").read_bytes() == b"the user's file"
+
+
+def test_chunk_size_must_be_reasonable(synth, tmp_path):
+    with pytest.raises(ConvertError, match="--chunk-size must be at least 64KiB"):
+        convert_checkpoint(synth, tmp_path / "out", chunk_size=2, quiet=True)
+
+
+def test_overwrite_removes_stale_partials(synth, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("grok_convert.json.partial", ".grok-convert-state.json.partial", "model-00001-of-00003.safetensors.partial"):
+        (out / name).write_text("stale")
+    convert_checkpoint(synth, out, overwrite=True, quiet=True)
+    assert not list(out.glob("*.partial")) and not list(out.glob(".*.partial"))
+
+
+def test_verify_checks_that_the_output_loads(synth, tmp_path):
+    out = tmp_path / "out"
+    convert_checkpoint(synth, out, shard_size="1MB", quiet=True)
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    good_index, good_cfg = index_path.read_text(), (out / "config.json").read_text()
+
+    del index["weight_map"]["layers.0.attn.wq.scales"]
+    index_path.write_text(json.dumps(index))
+    problems = verify_conversion(out, quiet=True)
+    assert any("missing: layers.0.attn.wq.scales" in p for p in problems), problems
+
+    index_path.write_text("[]")
+    assert any("malformed" in p for p in verify_conversion(out, quiet=True))
+    index_path.write_text(good_index)
+
+    (out / "config.json").write_text(good_cfg.replace('"num_kv_heads": 8', '"num_kv_heads": 4'))
+    assert any("config.json differs" in p for p in verify_conversion(out, quiet=True))
+    (out / "config.json").unlink()
+    assert "config.json is missing" in verify_conversion(out, quiet=True)
+    (out / "config.json").write_text(good_cfg)
+    assert verify_conversion(out, synth, quiet=True) == []
+
+
+def test_verify_reports_a_garbage_header_by_shard(synth, tmp_path):
+    out = tmp_path / "out"
+    convert_checkpoint(synth, out, shard_size="1MB", quiet=True)
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"\xff\xfe\xfd\xfc"
+    shard.write_bytes(bytes(data))
+    problems = verify_conversion(out, synth, quiet=True)
+    assert any(shard.name in p and "sha256" in p for p in problems)
+    assert any(shard.name in p and "header" in p for p in problems)
+    r = _cli("verify", out, "--src", synth)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+def test_resume_refuses_a_replaced_source(synth, tmp_path):
+    out = tmp_path / "out"
+    args = ["--shard-size", "1MB", "--workers", "1", "--quiet"]
+    assert _cli(synth, out, *args, env={"GROK_CONVERT_FAULT_AFTER_BYTES": "3500000"}).returncode == -9
+    f = synth / "ckpt-0" / "tensor00100_000"
+    f.write_bytes(f.read_bytes())                   # same size, rewritten since the interrupted run
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    r = _cli(synth, out, *args, "--resume")
+    assert r.returncode == 1 and "changed since" in r.stderr

@@ -4,6 +4,7 @@
       -> GrokConfig.from_json(dir/config.json)           the config travels with the weights
       -> build Grok on the meta device                   no random init, no memory
       -> for each safetensors shard: safe_open, check name/shape/dtype, cast only where needed
+         (an fp32 checkpoint's attention matrices stay fp32: the attention math is fp32)
       -> load_state_dict(assign=True)                    the loaded tensors ARE the parameters
 
 Layout is ``convert/weight_map.py``: matrices in the released ``[in, out]`` layout (``y = x @ w``),
@@ -29,11 +30,18 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class Weight(nn.Module):
-    """One stored matrix ``weight [*lead, in, out]`` and, when quantized, ``scales [*lead, G, out]`` (bf16)."""
+    """One stored matrix ``weight [*lead, in, out]`` and, when quantized, ``scales [*lead, G, out]`` (bf16).
 
-    def __init__(self, shape: Sequence[int], groups: int, quantized: bool, dtype: torch.dtype):
+    ``fp32_math``: the consumer computes in fp32 (attention). Loading then keeps an fp32 float
+    checkpoint's matrix in fp32 instead of rounding it to the activation dtype, so it holds the same
+    exact int8*scale products the int8 path dequantizes to.
+    """
+
+    def __init__(self, shape: Sequence[int], groups: int, quantized: bool, dtype: torch.dtype,
+                 fp32_math: bool = False):
         super().__init__()
         shape = tuple(shape)
+        self.fp32_math = fp32_math
         self.weight = nn.Parameter(torch.empty(shape, dtype=torch.int8 if quantized else dtype), requires_grad=False)
         if quantized:
             scales = torch.empty(*shape[:-2], groups, shape[-1], dtype=torch.bfloat16)
@@ -70,8 +78,9 @@ def _shards(path: Path) -> Dict[str, str]:
     raise FileNotFoundError(f"{path}: no model.safetensors.index.json or model.safetensors (convert with grok-convert)")
 
 
-def _target_dtype(name: str, stored: torch.dtype, expected: torch.dtype) -> torch.dtype:
-    """The dtype a stored tensor is kept in. int8 stays int8 and scales stay bf16; floats follow the model."""
+def _target_dtype(name: str, stored: torch.dtype, expected: torch.dtype, keep_fp32: bool = False) -> torch.dtype:
+    """The dtype a stored tensor is kept in. int8 stays int8 and scales stay bf16; floats follow the
+    model, except that an fp32 matrix of an fp32-math ``Weight`` (``keep_fp32``) stays fp32."""
     if expected == torch.int8 or stored == torch.int8:
         if stored != expected:
             raise ValueError(f"{name}: checkpoint holds {stored}, the model expects {expected} "
@@ -80,6 +89,8 @@ def _target_dtype(name: str, stored: torch.dtype, expected: torch.dtype) -> torc
     if name.endswith(".scales"):
         if stored != torch.bfloat16:
             raise ValueError(f"{name}: scales must be bfloat16, checkpoint holds {stored}")
+        return stored
+    if keep_fp32 and stored == torch.float32:
         return stored
     return expected
 
@@ -111,6 +122,8 @@ def load_pretrained(
     with torch.device("meta"):
         model = cls(config, dtype=dtype, impl=impl)
     expected = {name: t for name, t in model.state_dict().items()}
+    keep_fp32 = {f"{mod_name}.weight" for mod_name, mod in model.named_modules()
+                 if isinstance(mod, Weight) and mod.fp32_math}
     shards = _shards(path)
     missing = sorted(set(expected) - set(shards))
     unexpected = sorted(set(shards) - set(expected))
@@ -131,6 +144,6 @@ def load_pretrained(
                 if tuple(t.shape) != tuple(want.shape):
                     raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape "
                                      f"{tuple(want.shape)} (config does not match the weights)")
-                state[name] = t.to(_target_dtype(name, t.dtype, want.dtype))
+                state[name] = t.to(_target_dtype(name, t.dtype, want.dtype, name in keep_fp32))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

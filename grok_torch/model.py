@@ -90,10 +90,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: GrokConfig, dtype: torch.dtype, quantized: bool):
         super().__init__()
         D, g = cfg.d_model, cfg.quant_groups
-        self.wq = Weight((D, cfg.q_size), g["wq"], quantized, dtype)
-        self.wk = Weight((D, cfg.kv_size), g["wk"], quantized, dtype)
-        self.wv = Weight((D, cfg.kv_size), g["wv"], quantized, dtype)
-        self.wo = Weight((cfg.q_size, D), g["wo"], quantized, dtype)
+        self.wq = Weight((D, cfg.q_size), g["wq"], quantized, dtype, fp32_math=True)
+        self.wk = Weight((D, cfg.kv_size), g["wk"], quantized, dtype, fp32_math=True)
+        self.wv = Weight((D, cfg.kv_size), g["wv"], quantized, dtype, fp32_math=True)
+        self.wo = Weight((cfg.q_size, D), g["wo"], quantized, dtype, fp32_math=True)
         self.cfg, self.dtype = cfg, dtype
 
     def forward(self, x: torch.Tensor, pos_BT: torch.Tensor, mask_BTS: torch.Tensor,

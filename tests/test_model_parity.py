@@ -205,6 +205,21 @@ def test_checkpoint_formats(model, ref):
 
 
 @torch.no_grad()
+def test_fp32_checkpoint_in_bf16_mode_equals_int8(model, ref):
+    """bf16 mode keeps an fp32 checkpoint's attention matrices in fp32 (the attention math is fp32),
+    so they are the exact int8*scale products the int8 path dequantizes to; experts follow the
+    compute dtype in both. Own routing: logits bit for bit equal to the int8 checkpoint's.
+    (Rounding them to bf16 dropped own-routing parity from 0.071 / 90 % to 0.208 / 66.5 %.)"""
+    tok, _, _, _ = inputs(ref)
+    m = model(BF16, "fp32")
+    for ly in m.layers:
+        for w in (ly.attn.wq, ly.attn.wk, ly.attn.wv, ly.attn.wo):
+            assert w.weight.dtype == FP32
+        assert ly.moe.w1.weight.dtype == BF16                      # experts: the activation dtype
+    assert torch.equal(m(tok), model(BF16, "int8")(tok))
+
+
+@torch.no_grad()
 def test_fp32_logits_on_the_triton_kernels(converted, ref):
     """The model's MoE on the Triton kernels (the interpreter on CPU; fp32, as it is wrong on bf16
     arithmetic) meets the same SPEC §8.1 bounds as the reference path: rows 0 (plain) and 4 (left-padded)."""

@@ -37,10 +37,16 @@ class SampleSettings:
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Official rule: sort ascending, softmax, cumsum; the threshold is the first sorted logit whose
-    cumulative probability reaches 1 - top_p; keep every logit >= it (ties at the threshold kept)."""
+    cumulative probability reaches 1 - top_p; keep every logit >= it (ties at the threshold kept).
+
+    When no entry reaches it (a tiny top_p: the fp32 cumsum can end below 1 - top_p, e.g. at
+    0.99999994 for top_p 1e-8), the threshold is the largest logit: only the max (and its ties) survive.
+    """
     sorted_logits = logits.sort(dim=-1).values
     cum = torch.softmax(sorted_logits.float(), dim=-1).cumsum(dim=-1)
-    idx = (cum >= 1 - top_p).int().argmax(dim=-1, keepdim=True)  # first True
+    hit = cum >= 1 - top_p
+    idx = hit.int().argmax(dim=-1, keepdim=True)  # first True (0 when there is none)
+    idx = torch.where(hit.any(dim=-1, keepdim=True), idx, torch.full_like(idx, logits.shape[-1] - 1))
     threshold = sorted_logits.gather(-1, idx)
     return logits.masked_fill(logits < threshold, FILTERED)
 

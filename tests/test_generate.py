@@ -147,6 +147,20 @@ def test_top_p_official_rule_keeps_ties():
     assert torch.equal(top_p_filter(logits, 1.0), logits)
 
 
+def test_top_p_tiny_keeps_only_the_max():
+    """top_p=1e-8: the fp32 cumsum never reaches 1 - 1e-8, so the threshold is the largest logit and
+    exactly the max (and its ties) survive, rather than every token."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 512, generator=g)
+    logits[1, 7] = logits[1].max()                 # a row with a tie at the max
+    kept = top_p_filter(logits, 1e-8) > -1e9
+    assert torch.equal(kept, logits == logits.max(dim=-1, keepdim=True).values)
+    assert kept.sum(-1).tolist() == [1, 2, 1, 1]
+    for dtype in (torch.bfloat16, torch.float32):
+        probs = next_token_probs(logits.to(dtype), SampleSettings(1.0, 1e-8))
+        assert torch.equal(probs > 0, kept)
+
+
 def test_sample_greedy_and_seeded():
     logits = torch.tensor([[0.0, 2.0, 2.0, 1.0]])
     assert sample(logits, SampleSettings(temperature=0)).tolist() == [1]  # ties -> lower id

@@ -52,12 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, TypeError, OSError) as e:  # OSError: FileNotFoundError, NotADirectoryError, ...
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"grok-generate: {msg}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     import torch
 
     from grok_torch.generate import stream
     from grok_torch.model import Grok
+    from grok_torch.sampling import SampleSettings
     from grok_torch.tokenizer import StreamDecoder, Tokenizer
 
+    if os.path.exists(args.model) and not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model} is not a directory (pass the directory written by grok-convert)")
+    SampleSettings(args.temperature, args.top_p, args.top_k)  # bad settings fail before the model loads
     tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
     tokenizer = Tokenizer(tok_path) if (args.tokenizer or os.path.exists(tok_path)) else None
     if args.prompt is not None and tokenizer is None:
@@ -65,28 +78,24 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    try:
-        model = Grok.from_pretrained(args.model, dtype=dtype, device=args.device, impl=args.impl)
-        prompt = tokenizer.encode(args.prompt) if args.prompt is not None else args.prompt_ids
-        decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
-        steps = stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, seed=args.seed, stop_at_eos=not args.no_stop)
-        first = True
-        for step in steps:
-            t = step[0]
-            if t is None:
-                break
-            if decoder is not None:
-                if t != model.config.eos_token_id:
-                    sys.stdout.write(decoder.push(t))
-            else:
-                sys.stdout.write(("" if first else ",") + str(t))
-            first = False
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"grok-generate: {e}", file=sys.stderr)
-        return 2
+    model = Grok.from_pretrained(args.model, dtype=dtype, device=args.device, impl=args.impl)
+    prompt = tokenizer.encode(args.prompt) if args.prompt is not None else args.prompt_ids
+    decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+    steps = stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop_at_eos=not args.no_stop)
+    first = True
+    for step in steps:
+        t = step[0]
+        if t is None:
+            break
+        if decoder is not None:
+            if t != model.config.eos_token_id:
+                sys.stdout.write(decoder.push(t))
+        else:
+            sys.stdout.write(("" if first else ",") + str(t))
+        first = False
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 

@@ -66,16 +66,55 @@ def _shards(path: Path) -> Dict[str, str]:
     """tensor name -> shard file, from model.safetensors.index.json or a single model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not a {tensor name: shard file} object")
+        except (ValueError, KeyError, TypeError) as e:
+            what = "no weight_map" if isinstance(e, KeyError) else e
+            raise ValueError(f"{index}: not a valid safetensors index ({what})") from None
         return {name: str(path / shard) for name, shard in weight_map.items()}
     single = path / "model.safetensors"
     if single.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return {name: str(single) for name in f.keys()}
+        return {name: str(single) for name in _read_shard(str(single), "cpu", keys_only=True)}
     raise FileNotFoundError(f"{path}: no model.safetensors.index.json or model.safetensors (convert with grok-convert)")
+
+
+def _read_shard(shard: str, device: str, keys_only: bool = False):
+    """Yield a shard's tensor names (``keys_only``) or (name, tensor) pairs; a missing file is a
+    FileNotFoundError and an unreadable one (corrupt, truncated) a ValueError, both naming the file."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(shard):
+        raise FileNotFoundError(f"checkpoint shard {shard} does not exist")
+    try:
+        with safe_open(shard, framework="pt", device=device) as f:
+            for name in list(f.keys()):
+                yield name if keys_only else (name, f.get_tensor(name))
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # SafetensorError (not a public class), OSError on a truncated mmap
+        msg = " ".join(str(e).split())
+        raise ValueError(f"{shard}: not a readable safetensors file ({type(e).__name__}: {msg})") from None
+
+
+def _check_device(device) -> torch.device:
+    """torch.device(device), or a ValueError saying why it cannot hold the model."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {' '.join(str(e).split())}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device {device} is not usable: {' '.join(str(e).split())}") from None
+    return device
 
 
 def _target_dtype(name: str, stored: torch.dtype, expected: torch.dtype, keep_fp32: bool = False) -> torch.dtype:
@@ -108,8 +147,11 @@ def load_pretrained(
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"model path {path} is not a directory (pass the directory written by grok-convert)")
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
+    device = _check_device(device)
     file_cfg = GrokConfig.from_json(path / "config.json")
     if config is None:
         config = file_cfg
@@ -132,18 +174,20 @@ def load_pretrained(
                          f"(missing: {missing[:8]}{'...' if len(missing) > 8 else ''}; "
                          f"unexpected: {unexpected[:8]}{'...' if len(unexpected) > 8 else ''})")
 
-    from safetensors import safe_open
-
-    device = torch.device(device)
     state: Dict[str, torch.Tensor] = {}
     for shard in sorted(set(shards.values())):
-        with safe_open(shard, framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                want = expected[name]
-                if tuple(t.shape) != tuple(want.shape):
-                    raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape "
-                                     f"{tuple(want.shape)} (config does not match the weights)")
-                state[name] = t.to(_target_dtype(name, t.dtype, want.dtype, name in keep_fp32))
+        for name, t in _read_shard(shard, str(device)):
+            if name not in expected:
+                raise ValueError(f"{shard}: holds {name}, which the model does not have "
+                                 "(the index does not match the shard)")
+            want = expected[name]
+            if tuple(t.shape) != tuple(want.shape):
+                raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape "
+                                 f"{tuple(want.shape)} (config does not match the weights)")
+            state[name] = t.to(_target_dtype(name, t.dtype, want.dtype, name in keep_fp32))
+    absent = sorted(set(expected) - set(state))
+    if absent:
+        raise ValueError(f"{path}: tensors listed in the index are missing from their shards: "
+                         f"{absent[:8]}{'...' if len(absent) > 8 else ''}")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

@@ -23,7 +23,11 @@ class Tokenizer:
             path = os.path.join(path, "tokenizer.model")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer model not found: {path}")
-        self.sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path} is not a SentencePiece tokenizer model "
+                             f"({' '.join(str(e).split())})") from None
         self.path = path
 
     @property

@@ -1,8 +1,11 @@
 """grok-generate on the converted tiny model: token ids in and out, and clear errors."""
+import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from grok_torch.generate_cli import main
 
@@ -23,3 +26,100 @@ def test_python_dash_m_runs(converted):
     r = subprocess.run([sys.executable, "-m", "grok_torch.generate_cli", "--model", str(converted("int8")),
                         "--prompt-ids", "25,999", "--max-new-tokens", "2"], capture_output=True, text=True)
     assert r.returncode == 2 and "token id 999 is out of range" in r.stderr
+
+
+# ---- every bad input: non-zero exit, one line naming the problem, no traceback ----------------
+
+def _fails(capsys, argv, *needles):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc != 0, argv
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _ids(model, *extra):
+    return ["--model", str(model), "--prompt-ids", "25,376", "--max-new-tokens", "2", *extra]
+
+
+def test_bad_tokenizer_paths(converted, capsys, tmp_path):
+    m = converted("int8")
+    _fails(capsys, ["--model", str(m), "--prompt", "hi", "--tokenizer", "/nonexistent"],
+           "tokenizer model not found", "/nonexistent")
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"this is not a sentencepiece model")
+    _fails(capsys, ["--model", str(m), "--prompt", "hi", "--tokenizer", str(junk)],
+           str(junk), "not a SentencePiece")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu(converted, capsys):
+    _fails(capsys, _ids(converted("int8"), "--device", "cuda"), "cuda", "not available")
+
+
+def test_unknown_device(converted, capsys):
+    _fails(capsys, _ids(converted("int8"), "--device", "foo"), "invalid device 'foo'")
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--temperature", "nan", "temperature"), ("--temperature", "-1", "temperature"),
+    ("--temperature", "inf", "temperature"), ("--top-p", "nan", "top_p"), ("--top-p", "1.5", "top_p"),
+    ("--top-p", "0", "top_p"), ("--top-k", "-3", "top_k"), ("--max-new-tokens", "0", "max_new_tokens")])
+def test_bad_sampling_settings(converted, capsys, flag, value, needle):
+    _fails(capsys, _ids(converted("int8"), flag, value), needle)
+
+
+def test_sample_settings_reject_nan_and_negatives():
+    from grok_torch.sampling import SampleSettings
+
+    for kw in (dict(temperature=float("nan")), dict(temperature=-0.5), dict(top_p=float("nan")),
+               dict(top_p=1.01), dict(top_p=0.0), dict(top_k=-1), dict(top_k=1.5)):
+        with pytest.raises(ValueError):
+            SampleSettings(**kw)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupt_and_truncated_shards(converted, capsys, tmp_path):
+    src = converted("int8")
+    shard_name = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]["embed.weight"]
+    for kind in ("truncated", "corrupt"):
+        d = _copy(src, tmp_path / kind)
+        shard = d / shard_name
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2] if kind == "truncated" else b"\xff" * 64 + data[64:])
+        _fails(capsys, _ids(d), str(shard), "not a readable safetensors file")
+
+
+def test_bad_index(converted, capsys, tmp_path):
+    d = _copy(converted("int8"), tmp_path / "noweightmap")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    _fails(capsys, _ids(d), "model.safetensors.index.json", "no weight_map")
+    (d / "model.safetensors.index.json").write_text("{not json")
+    _fails(capsys, _ids(d), "model.safetensors.index.json", "not a valid safetensors index")
+
+
+def test_model_is_a_file(converted, capsys):
+    cfg = converted("int8") / "config.json"
+    _fails(capsys, _ids(cfg), str(cfg), "is not a directory")
+    _fails(capsys, _ids("/nonexistent/model"), "/nonexistent/model", "does not exist")
+
+
+def test_loading_errors_name_the_file(converted, tmp_path):
+    """The library (not only the CLI) says what is wrong, and with which file."""
+    from grok_torch import Grok
+
+    d = _copy(converted("int8"), tmp_path / "m")
+    (d / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ValueError, match="index.json.*no weight_map"):
+        Grok.from_pretrained(d)
+    with pytest.raises(ValueError, match="is not a directory"):
+        Grok.from_pretrained(d / "config.json")
+    with pytest.raises(ValueError, match="invalid device"):
+        Grok.from_pretrained(converted("int8"), device="foo")

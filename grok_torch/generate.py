@@ -61,11 +61,13 @@ def stream(model, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int 
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     lengths = [len(p) for p in ids]
     longest = max(lengths)
-    if longest >= cfg.max_seq_len:
+    # the last generated token is never fed back: prompt + max_new_tokens - 1 positions are used
+    needed = longest + max_new_tokens - 1
+    if longest > cfg.max_seq_len:
         raise ValueError(f"prompt length {longest} does not fit the context max_seq_len={cfg.max_seq_len}")
-    if longest + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the context "
-                         f"max_seq_len={cfg.max_seq_len}")
+    if needed > cfg.max_seq_len:
+        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} needs {needed} positions "
+                         f"(the last token is not fed back), more than the context max_seq_len={cfg.max_seq_len}")
     for p in ids:
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
@@ -79,7 +81,7 @@ def stream(model, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int 
     gens = None
     if seed is not None:
         gens = [torch.Generator(device=device).manual_seed(seed + b) for b in range(B)]
-    cache = model.new_cache(B, max_len=longest + max_new_tokens)
+    cache = model.new_cache(B, max_len=needed)
     length_t = torch.tensor(lengths, device=device)
 
     logits = model(tokens, cache)                       # prefill

@@ -189,6 +189,32 @@ def test_nucleus_step0_matches_official(model, gen_ref):
     assert d < 8e-3, f"max |d prob| {d:.3g} (is the top-p filter applied?)"
 
 
+@torch.no_grad()
+def test_context_boundary(model, monkeypatch):
+    """The last generated token is never fed back, so prompt + max_new_tokens - 1 positions are
+    needed: on the 64-token context, 3 + 62 and 64 + 1 fit, 3 + 63 and 65 + 1 do not; the KV cache
+    holds exactly what is needed."""
+    m = model(BF16)
+    ctx = m.config.max_seq_len
+    assert ctx == 64
+    sizes, new_cache = [], m.new_cache
+
+    def spy(batch, max_len=None):
+        sizes.append(max_len)
+        return new_cache(batch, max_len)
+
+    monkeypatch.setattr(m, "new_cache", spy)
+    for prompt_len, n in ((3, ctx - 2), (ctx, 1), ([3, 5], ctx - 4)):
+        prompts = [[7] * k for k in prompt_len] if isinstance(prompt_len, list) else [7] * prompt_len
+        out = generate(m, prompts, n, temperature=0, stop_at_eos=False)
+        assert all(len(r.tokens) == n for r in out)
+        assert sizes[-1] == max(len(r.prompt) for r in out) + n - 1 <= ctx
+    with pytest.raises(ValueError, match="needs 65 positions"):
+        generate(m, [7] * 3, ctx - 1)
+    with pytest.raises(ValueError, match="prompt length 65 does not fit"):
+        generate(m, [7] * (ctx + 1), 1)
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -204,7 +230,7 @@ def test_bad_inputs_name_the_problem(model, converted):
     with pytest.raises(ValueError, match="exceeds the model context"):
         m(torch.ones(1, ctx + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="prompt length"):
-        generate(m, [1] * ctx, 1)
+        generate(m, [1] * (ctx + 1), 1)   # a prompt of ctx tokens can still take 1 new token
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(m, [1] * 10, ctx)
     with pytest.raises(ValueError, match="prompt token id"):

@@ -10,6 +10,7 @@ Unlike the official runner (fixed ``max_len`` tokens, no stop), rows stop at EOS
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Union
 
@@ -32,20 +33,48 @@ class Generation:
     finish_reason: str = "length"  # "eos" | "length"
 
 
+def _plain(x):
+    """numpy arrays / scalars and torch tensors -> (nested) Python lists / numbers; anything else as is."""
+    if not isinstance(x, (str, bytes)) and hasattr(x, "tolist"):
+        return x.tolist()
+    return x
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def encode_prompts(prompts: Union[Prompt, Sequence[Prompt]], tokenizer=None) -> List[List[int]]:
-    """A str, a list of ids, or a list of either -> list of id lists (str needs a tokenizer)."""
-    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)) or isinstance(prompts, torch.Tensor):
+    """A str, a sequence of ids, or a sequence of either -> list of id lists (str needs a tokenizer).
+
+    Array-likes (numpy arrays, torch tensors, numpy integers) are accepted: 1-D is one prompt, 2-D a batch.
+    """
+    prompts = _plain(prompts)
+    if isinstance(prompts, str):
         prompts = [prompts]
+    if not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a str, a sequence of token ids, or a sequence of those, "
+                        f"got {type(prompts).__name__}")
+    prompts = [_plain(p) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given: pass a str, a list of token ids, or a list of prompts")
+    if isinstance(prompts[0], numbers.Number):
+        prompts = [prompts]  # one prompt of ids (non-integers are refused below)
     out = []
     for p in prompts:
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError("text prompts need a tokenizer (or pass token ids)")
             p = tokenizer.encode(p)
-        ids = [int(i) for i in p]
+        if not hasattr(p, "__iter__"):
+            raise TypeError(f"each prompt must be a str or a sequence of token ids, got {type(p).__name__}")
+        ids = [_plain(i) for i in p]
+        bad = [i for i in ids if not _is_id(i)]
+        if bad:
+            raise TypeError(f"token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
         if not ids:
             raise ValueError("prompt is empty: at least one token is needed")
-        out.append(ids)
+        out.append([int(i) for i in ids])
     return out
 
 

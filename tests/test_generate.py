@@ -215,6 +215,42 @@ def test_context_boundary(model, monkeypatch):
         generate(m, [7] * (ctx + 1), 1)
 
 
+def test_encode_prompts_accepts_array_likes():
+    import numpy as np
+
+    from grok_torch.generate import encode_prompts
+
+    assert encode_prompts(np.array([1, 2, 3])) == [[1, 2, 3]]
+    assert encode_prompts(np.array([[1, 2], [3, 4]])) == [[1, 2], [3, 4]]
+    assert encode_prompts([np.int64(5), np.int32(6)]) == [[5, 6]]
+    assert encode_prompts(torch.tensor([7, 8])) == [[7, 8]]
+    assert encode_prompts(torch.tensor([[7, 8], [9, 10]])) == [[7, 8], [9, 10]]
+    assert encode_prompts([torch.tensor([1, 2]), np.array([3]), (4, 5)]) == [[1, 2], [3], [4, 5]]
+    for empty in ([], np.array([], dtype=np.int64), torch.zeros(0, 3, dtype=torch.long)):
+        with pytest.raises(ValueError, match="no prompts given"):
+            encode_prompts(empty)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        encode_prompts([[1], []])
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        encode_prompts([1.5, 2])
+    with pytest.raises(TypeError, match="prompts must be"):
+        encode_prompts(None)
+
+
+@torch.no_grad()
+def test_generate_with_array_prompts(model):
+    import numpy as np
+
+    m = model(BF16)
+    want = generate(m, [[25, 376, 378], [5, 48, 391]], 3, temperature=0)
+    for prompts in (np.array([[25, 376, 378], [5, 48, 391]]), torch.tensor([[25, 376, 378], [5, 48, 391]]),
+                    [np.array([25, 376, 378]), torch.tensor([5, 48, 391])]):
+        assert [r.tokens for r in generate(m, prompts, 3, temperature=0)] == [r.tokens for r in want]
+    assert generate(m, np.array([25, 376, 378]), 3, temperature=0)[0].tokens == want[0].tokens
+    with pytest.raises(ValueError, match="no prompts given"):
+        generate(m, [], 3)
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 @torch.no_grad()

@@ -95,6 +95,8 @@ def _run(args) -> int:
             sys.stdout.write(("" if first else ",") + str(t))
         first = False
         sys.stdout.flush()
+    if decoder is not None:
+        sys.stdout.write(decoder.flush())  # bytes of a character cut off by the end of generation
     sys.stdout.write("\n")
     return 0
 

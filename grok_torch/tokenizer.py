@@ -2,7 +2,7 @@
 
 No BOS is added by default, as the official runner (``tokenizer.encode(prompt)``). Ids: pad 0,
 bos 1, eos 2, unk 3. ``StreamDecoder`` turns a growing id list into text pieces for streaming,
-holding back bytes of an unfinished UTF-8 character (byte-fallback pieces).
+holding back bytes of an unfinished UTF-8 character (byte-fallback pieces) until ``flush()``.
 """
 from __future__ import annotations
 
@@ -57,15 +57,37 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Incremental detokenization: ``push(id)`` returns the new text (possibly empty)."""
+    """Incremental detokenization: ``push(id)`` returns the new text (possibly empty); ``flush()``
+    returns what is still held back (bytes of an unfinished character) when generation stops.
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tok, self.ids, self.emitted = tokenizer, [], ""
+    Only a bounded window is decoded per token: the new ids plus up to ``context`` ids before them.
+    Both the window's old part and the whole window are decoded from the same first id, so
+    SentencePiece's leading-space and byte-fallback handling cancel out in the difference.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context: int = 8):
+        if context < 1:
+            raise ValueError(f"context must be >= 1, got {context}")
+        self.tok, self.context = tokenizer, context
+        self.ids: List[int] = []  # the window: already-emitted context ids, then the pending ones
+        self.read = 0             # ids[:read] are emitted; ids[read:] are held back
+
+    def _new_text(self, hold: bool) -> str:
+        done = self.tok.decode(self.ids[:self.read]) if self.read else ""
+        text = self.tok.decode(self.ids)
+        if hold and text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its other bytes
+            return ""
+        new = text[len(done):]
+        keep = max(0, len(self.ids) - self.context)
+        self.ids, self.read = self.ids[keep:], len(self.ids) - keep
+        return new
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its other bytes
+        return self._new_text(hold=True)
+
+    def flush(self) -> str:
+        """The held-back text (an unfinished character decodes to U+FFFD), or ""."""
+        if self.read == len(self.ids):
             return ""
-        new, self.emitted = text[len(self.emitted):], text
-        return new
+        return self._new_text(hold=False)

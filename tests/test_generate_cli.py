@@ -17,6 +17,25 @@ def test_prompt_ids_greedy_prints_ids(converted, capsys):
     assert len(ids) == 4 and all(0 <= int(i) < 512 for i in ids)
 
 
+def test_text_output_flushes_held_bytes(converted, capsys):
+    """With a tokenizer the ids are printed as text; a generation ending inside a byte-fallback
+    character still prints those bytes (the tiny model emits mostly byte pieces)."""
+    from conftest import TOKENIZER, require
+    from grok_torch.tokenizer import Tokenizer
+
+    tok = Tokenizer(require(TOKENIZER, "Grok-1 tokenizer.model"))
+    base = ["--model", str(converted("int8")), "--prompt-ids", "25,376,378", "--temperature", "0", "--no-stop"]
+    assert main(base + ["--max-new-tokens", "8"]) == 0
+    ids = [int(i) for i in capsys.readouterr().out.strip().split(",")]
+    cut = 0
+    for n in range(1, 9):
+        assert main(base + ["--max-new-tokens", str(n), "--tokenizer", str(TOKENIZER)]) == 0
+        want = tok.decode([i for i in ids[:n] if i != 2])
+        assert capsys.readouterr().out == want + "\n", n
+        cut += want.endswith("\ufffd")
+    assert cut, "no run ended inside a character: the test does not exercise flush()"
+
+
 def test_text_prompt_without_tokenizer_is_an_error(converted, capsys):
     assert main(["--model", str(converted("int8")), "--prompt", "hello"]) == 2
     assert "needs a tokenizer" in capsys.readouterr().err

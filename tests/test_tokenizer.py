@@ -35,3 +35,29 @@ def test_bad_path_and_input(tmp_path):
     t = Tokenizer(require(TOKENIZER, "Grok-1 tokenizer.model"))
     with pytest.raises(TypeError, match="must be a str"):
         t.encode([1, 2])
+
+
+def test_stream_decoder_flushes_an_unfinished_character(tok):
+    """Generation can stop inside a byte-fallback character: flush() emits the held bytes."""
+    ids = tok.encode("ok 🦙")                        # ... '▁', <0xF0>, <0x9F>, <0xA6>, <0x99>
+    dec = StreamDecoder(tok)
+    text = "".join(dec.push(i) for i in ids[:-2])   # stop two bytes short of the emoji
+    assert "\ufffd" not in text
+    rest = dec.flush()
+    assert rest and text + rest == tok.decode(ids[:-2])
+    assert dec.flush() == ""                         # nothing left
+    dec = StreamDecoder(tok)
+    assert "".join(dec.push(i) for i in ids) + dec.flush() == "ok 🦙"
+
+
+def test_stream_decoder_decodes_a_bounded_window(tok, monkeypatch):
+    """Each push decodes a bounded window of recent ids, not the whole sequence, and the pieces
+    still add up to the full decode (leading spaces, byte-fallback characters)."""
+    text = ("The answer to life 🦙 the universe, naïve café — 日本語 and ꙮ everything. " * 8).strip()
+    ids = tok.encode(text)
+    seen, decode = [], tok.decode
+    monkeypatch.setattr(tok, "decode", lambda x: (seen.append(len(x)), decode(x))[1])
+    dec = StreamDecoder(tok)
+    out = "".join(dec.push(i) for i in ids) + dec.flush()
+    assert out == text
+    assert len(ids) > 100 and max(seen) <= 16, max(seen)

@@ -117,9 +117,11 @@ def _check_device(device) -> torch.device:
     return device
 
 
-def _target_dtype(name: str, stored: torch.dtype, expected: torch.dtype, keep_fp32: bool = False) -> torch.dtype:
+def _target_dtype(name: str, stored: torch.dtype, expected: torch.dtype, keep_fp32: bool = False,
+                  keep_bf16: bool = False) -> torch.dtype:
     """The dtype a stored tensor is kept in. int8 stays int8 and scales stay bf16; floats follow the
-    model, except that an fp32 matrix of an fp32-math ``Weight`` (``keep_fp32``) stays fp32."""
+    model, except that an fp32 matrix of an fp32-math ``Weight`` (``keep_fp32``) stays fp32 and a
+    bf16 tensor whose consumers upcast it exactly (``keep_bf16``) stays bf16."""
     if expected == torch.int8 or stored == torch.int8:
         if stored != expected:
             raise ValueError(f"{name}: checkpoint holds {stored}, the model expects {expected} "
@@ -129,7 +131,7 @@ def _target_dtype(name: str, stored: torch.dtype, expected: torch.dtype, keep_fp
         if stored != torch.bfloat16:
             raise ValueError(f"{name}: scales must be bfloat16, checkpoint holds {stored}")
         return stored
-    if keep_fp32 and stored == torch.float32:
+    if (keep_fp32 and stored == torch.float32) or (keep_bf16 and stored == torch.bfloat16):
         return stored
     return expected
 
@@ -166,6 +168,8 @@ def load_pretrained(
     expected = {name: t for name, t in model.state_dict().items()}
     keep_fp32 = {f"{mod_name}.weight" for mod_name, mod in model.named_modules()
                  if isinstance(mod, Weight) and mod.fp32_math}
+    # bf16 mode keeps a bf16 embedding table as stored (the model upcasts rows and head slices exactly)
+    keep_bf16 = {"embed.weight"} if dtype == torch.bfloat16 else set()
     shards = _shards(path)
     missing = sorted(set(expected) - set(shards))
     unexpected = sorted(set(shards) - set(expected))
@@ -184,7 +188,7 @@ def load_pretrained(
             if tuple(t.shape) != tuple(want.shape):
                 raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape "
                                  f"{tuple(want.shape)} (config does not match the weights)")
-            state[name] = t.to(_target_dtype(name, t.dtype, want.dtype, name in keep_fp32))
+            state[name] = t.to(_target_dtype(name, t.dtype, want.dtype, name in keep_fp32, name in keep_bf16))
     absent = sorted(set(expected) - set(state))
     if absent:
         raise ValueError(f"{path}: tensors listed in the index are missing from their shards: "

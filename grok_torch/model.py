@@ -177,8 +177,9 @@ class Grok(nn.Module):
             raise NotImplementedError("config.tie_word_embeddings=False (an untied head) is not implemented")
         self.config, self.dtype = config, dtype
         quantized = config.weight_format == "int8"
-        # fp32 as released: the embedding rows are multiplied unrounded (see forward); loading keeps
-        # a bf16 checkpoint's bf16 table in bf16 mode rather than doubling it
+        # fp32 as released: the embedding rows are multiplied unrounded (see forward). Loading keeps
+        # a bf16 table (a checkpoint converted with bf16 plain tensors) in bf16 in bf16 mode rather
+        # than doubling it; the values are the same either way (forward and head upcast exactly)
         self.embed = nn.Module()
         self.embed.weight = nn.Parameter(torch.empty(config.vocab_size, config.d_model), requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(config, dtype, quantized) for _ in range(config.num_layers))
@@ -270,7 +271,12 @@ class Grok(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Tied LM head on the fp32 final-norm output: ``(x @ E^T) * output_multiplier``, returned in the activation dtype."""
         cfg, dt = self.config, self.dtype
-        logits = (x @ self.embed.weight.float().T) * as_dtype(cfg.output_multiplier, dt)
+        E = self.embed.weight
+        if E.dtype == torch.float32:
+            logits = x @ E.T
+        else:  # a bf16 table: upcast a slice of the vocabulary at a time, never the whole table
+            logits = torch.cat([x @ e.float().T for e in E.split(16384)], dim=-1)
+        logits = logits * as_dtype(cfg.output_multiplier, dt)
         if cfg.final_logit_softcap:  # Grok-2
             logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
         return logits.to(dt)

@@ -220,6 +220,30 @@ def test_fp32_checkpoint_in_bf16_mode_equals_int8(model, ref):
 
 
 @torch.no_grad()
+def test_bf16_embedding_table_stays_bf16(converted, ref, tmp_path):
+    """A checkpoint with a bf16 embedding table: bf16 mode keeps it bf16 (not doubled to fp32), with
+    the same logits as the same values held in fp32; fp32 mode holds it in fp32."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "bf16_embed"
+    shutil.copytree(converted("bf16"), d)
+    for shard in d.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if "embed.weight" in tensors:
+            tensors["embed.weight"] = tensors["embed.weight"].to(BF16)
+            save_file(tensors, shard, metadata={"format": "pt"})
+    tok, _, _, _ = inputs(ref)
+    m = Grok.from_pretrained(d, dtype=BF16, impl="torch")
+    assert m.embed.weight.dtype == BF16
+    logits = m(tok)
+    m.embed.weight = torch.nn.Parameter(m.embed.weight.float(), requires_grad=False)
+    assert torch.equal(logits, m(tok))
+    assert Grok.from_pretrained(d, dtype=FP32, impl="torch").embed.weight.dtype == FP32
+
+
+@torch.no_grad()
 def test_fp32_logits_on_the_triton_kernels(converted, ref):
     """The model's MoE on the Triton kernels (the interpreter on CPU; fp32, as it is wrong on bf16
     arithmetic) meets the same SPEC §8.1 bounds as the reference path: rows 0 (plain) and 4 (left-padded)."""

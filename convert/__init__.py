@@ -10,7 +10,7 @@ import importlib
 
 _EXPORTS = {
     "ConvertError": "convert", "ConvertResult": "convert", "convert_checkpoint": "convert",
-    "verify_conversion": "convert",
+    "verify_conversion": "verify",
     "CheckpointError": "grok_pickle", "UnsafePickleError": "grok_pickle", "read_tensor_file": "grok_pickle",
 }
 __all__ = sorted(_EXPORTS)

@@ -65,7 +65,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     verify = bool(argv) and argv[0] == "verify"
     a = _verify_parser().parse_args(argv[1:]) if verify else _convert_parser().parse_args(argv)
     # imported after parsing so that --help answers without loading torch
-    from grok_torch.convert.convert import ConvertError, convert_checkpoint, verify_conversion
+    from grok_torch.convert.convert import ConvertError, convert_checkpoint
+    from grok_torch.convert.verify import verify_conversion
     try:
         if verify:
             problems = verify_conversion(a.out, a.src, quiet=a.quiet)

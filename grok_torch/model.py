@@ -18,11 +18,9 @@ Single device: no placement happens here (see loading.py for from_pretrained).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from grok_torch.config import GrokConfig

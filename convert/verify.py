@@ -79,7 +79,7 @@ def verify_conversion(out: "str | os.PathLike", src: "str | os.PathLike | None" 
         if (out / f).exists():
             problems += _check_shard_header(out / f, planned, {n for n, g in index.items() if g == f})
     if src is not None and not problems:
-        problems += _verify_against_source(out, Path(src), record, index, quiet)
+        problems += _verify_against_source(out, Path(src), record, cfg, planned, index, quiet)
     return problems
 
 
@@ -126,7 +126,10 @@ def _check_shard_header(path: Path, planned: Dict[str, OutTensor], names: set) -
     return problems
 
 
-def _verify_against_source(out: Path, src: Path, record: dict, index: Dict[str, str], quiet: bool) -> List[str]:
+def _verify_against_source(out: Path, src: Path, record: dict, cfg: GrokConfig, planned: Dict[str, OutTensor],
+                           index: Dict[str, str], quiet: bool) -> List[str]:
+    """Runs after the index and headers matched the plan: compares every tensor's bytes with its
+    conversion re-derived from the source."""
     problems: List[str] = []
     ckpt = find_ckpt_dir(src)
     for f in record["source"]["files"]:
@@ -137,23 +140,17 @@ def _verify_against_source(out: Path, src: Path, record: dict, index: Dict[str, 
             problems.append(f"source {p}: size {p.stat().st_size}, recorded {f['size']}")
     if problems:
         return problems
-    cfg = GrokConfig.from_json(out / "config.json")
-    _, specs, refs = read_source(ckpt, cfg.replace(weight_format="int8"))
-    opts = record["options"]
-    tensors = {t.name: t for t in plan_tensors(specs, opts["dtype"], opts["plain_dtype"])}
+    _, _, refs = read_source(ckpt, cfg.replace(weight_format="int8"))
     by_shard: Dict[str, List[str]] = {}
     for name, f in index.items():
         by_shard.setdefault(f, []).append(name)
-    progress = _Progress(sum(t.nbytes for t in tensors.values()), 0, quiet, desc="grok-convert verify --src")
+    progress = _Progress(sum(t.nbytes for t in planned.values()), 0, quiet, desc="grok-convert verify --src")
     try:
         for shard_file, names in sorted(by_shard.items()):
             start, header = read_header(str(out / shard_file))
             with open(out / shard_file, "rb") as fh:
                 for name in names:
-                    t = tensors.get(name)
-                    if t is None or name not in header:
-                        problems.append(f"{shard_file}: {name} is not a tensor of this conversion")
-                        continue
+                    t = planned[name]
                     fh.seek(start + header[name]["data_offsets"][0])
                     for piece in tensor_chunks(t, refs[t.source_index], 1 << 26):
                         progress(len(piece))

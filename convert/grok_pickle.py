@@ -23,6 +23,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, List, Tuple, Union
 
+from grok_torch.convert.safetensors_io import ITEMSIZE
+
 # Payloads at least this large are skipped (offset recorded), smaller ones are read in memory.
 _INLINE_LIMIT = 1 << 16
 
@@ -35,8 +37,6 @@ class UnsafePickleError(CheckpointError):
     """A pickle names a global outside the allow-list; nothing from it was executed."""
 
 
-# dtype name -> (numpy-style code, itemsize). Only what the official files use.
-DTYPES = {"int8": ("i1", 1), "float32": ("f4", 4), "bfloat16": ("bf16", 2)}
 _NUMPY_CODES = {"i1": "int8", "|i1": "int8", "b": "int8", "f4": "float32", "<f4": "float32"}
 
 
@@ -220,8 +220,7 @@ class _Reader:
             _, shape, dt, fortran, data = state
             if not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape):
                 raise self.fail(f"corrupt ndarray shape {shape!r}")
-            itemsize = DTYPES[dt.name][1]
-            n = itemsize
+            n = ITEMSIZE[dt.name]
             for s in shape:
                 n *= s
             if fortran and len(shape) > 1:

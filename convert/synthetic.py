@@ -21,6 +21,7 @@ from typing import BinaryIO, Iterator, Optional, Sequence
 import torch
 
 from grok_torch.config import GrokConfig
+from grok_torch.convert.safetensors_io import ITEMSIZE
 from grok_torch.convert.weight_map import ParamSpec, param_order
 
 _CHUNK = 1 << 24
@@ -50,8 +51,7 @@ def _dtype(name: str) -> bytes:
 
 
 def _write_array(f: BinaryIO, dtype: str, shape: Sequence[int], chunks: Iterator[bytes]) -> None:
-    itemsize = {"int8": 1, "bfloat16": 2, "float32": 4}[dtype]
-    nbytes = itemsize * math.prod(shape)
+    nbytes = ITEMSIZE[dtype] * math.prod(shape)
     f.write(_global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
             + _int(0) + b"\x85" + b"C\x01b" + b"\x87R")               # _reconstruct(ndarray, (0,), b'b')
     f.write(b"(" + _int(1) + b"(" + b"".join(_int(s) for s in shape) + b"t" + _dtype(dtype) + b"\x89")
@@ -73,7 +73,7 @@ class _Random:
         self.block: dict = {}
 
     def chunks(self, dtype: str, numel: int, make) -> Iterator[bytes]:
-        per = _CHUNK // {"int8": 1, "bfloat16": 2, "float32": 4}[dtype]
+        per = _CHUNK // ITEMSIZE[dtype]
         for start in range(0, numel, per):
             n = min(per, numel - start)
             if self.repeat:

@@ -384,11 +384,11 @@ def _find_tokenizer(ckpt: Path, given: Optional[str], vocab_size: int, log) -> O
 
 
 def _tokenizer_size(p: Path) -> int:
-    import sentencepiece as spm
+    from grok_torch.tokenizer import Tokenizer
     try:
-        return spm.SentencePieceProcessor(model_file=str(p)).get_piece_size()
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError variants
-        raise ConvertError(f"{p}: not a SentencePiece model ({e})") from None
+        return Tokenizer(str(p)).vocab_size
+    except (ValueError, OSError) as e:
+        raise ConvertError(str(e)) from None
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool, plan_key: str, keep: Optional[Path] = None) -> Dict[str, dict]:

@@ -20,7 +20,7 @@ Every wrapper checks shapes and dtypes and names the offending argument.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -70,29 +70,47 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile shape of the grouped GEMMs. BLOCK_M also sets the padding of each expert's rows."""
+    """Tile shape of the grouped GEMMs. BLOCK_M also sets the padding of each expert's rows.
+
+    preact_block_n caps the column tile of the up GEMM when it also stores the fp32 pre-activations
+    for the backward: both accumulators are then live through the epilogue's stores, and a 128-wide
+    tile spills registers on sm_90 (`python -m grok_torch.kernels.aot --full --table` shows it).
+    """
 
     block_m: int = 64
     block_n: int = 64
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    preact_block_n: int = 64
 
 
-def gemm_config(num_tokens: int, top_k: int, num_experts: int) -> GemmConfig:
+def gemm_config(num_tokens: int, top_k: int, num_experts: int, compute_dtype: torch.dtype = torch.bfloat16) -> GemmConfig:
     """Pick tiles from the mean rows per expert (the shape of the M dimension each expert sees).
 
-    Decode (few rows) is weight-streaming: the smallest M tile tl.dot allows (16) and wide K steps.
-    Prefill is compute-bound: 128x128 tiles with 8 warps. Untuned guesses; see benchmarks/bench_moe.py.
+    16-bit compute: decode (few rows) is weight-streaming, so the smallest M tile tl.dot allows (16)
+    and wide K steps; prefill is compute-bound, so 128x128 tiles with 8 warps. Untuned guesses; see
+    benchmarks/bench_moe.py. fp32 compute is exact fp32 (FMA, no tensor cores: a parity mode, not a
+    fast path): narrow K and N steps with 8 warps, the largest tiles that compile for sm_90 without
+    spilling registers (checked for every variant by tests/test_kernels_aot.py).
     """
     rows_per_expert = num_tokens * top_k / max(num_experts, 1)
     if rows_per_expert <= 16:
-        return GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    if rows_per_expert <= 64:
-        return GemmConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
-    if rows_per_expert <= 512:
-        return GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
-    return GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        block_m = 16
+    elif rows_per_expert <= 64:
+        block_m = 32
+    elif rows_per_expert <= 512:
+        block_m = 64
+    else:
+        block_m = 128
+    if compute_dtype in (torch.float32, torch.float64):
+        return GemmConfig(block_m=block_m, block_n=64 if block_m == 16 else 32, block_k=16, num_warps=8, num_stages=2)
+    return {
+        16: GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4),
+        32: GemmConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4),
+        64: GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3),
+        128: GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    }[block_m]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,13 +277,14 @@ def moe_up(
     _check(g1 == g3 and (s1 is None or s1.stride() == s3.stride()), "s1 and s3 must share shape and strides")
     cd = resolve_compute_dtype(w1, compute_dtype)
     K = routing.topk_ids.shape[1]
-    cfg = config or gemm_config(T, K, E)
+    cfg = config or gemm_config(T, K, E, cd)
     _check(cfg.block_m == routing.block_m, f"config.block_m={cfg.block_m} != routing.block_m={routing.block_m}")
     act = torch.empty(T * K, F, dtype=cd, device=x.device)
     preact = None
     if store_preact:
         acc = torch.float64 if cd == torch.float64 else torch.float32
         preact = (torch.empty(T * K, F, dtype=acc, device=x.device), torch.empty(T * K, F, dtype=acc, device=x.device))
+        cfg = replace(cfg, block_n=min(cfg.block_n, cfg.preact_block_n))
     _launch_gemm(
         x, True, w1, w3, s1, s3, act, routing, N=F, K=D, kb=w1.stride(1), nb=w1.stride(2), top_k=K,
         numel=T * K, cd=cd, cfg=cfg, scale_mode=1 if g1 else 0, groups=max(g1, 1),
@@ -301,7 +320,7 @@ def moe_down(
     _check(numel == T * K, f"act must have T*K={T * K} rows, got {numel}")
     gates = routing.gates if gates is None else gates
     _check(gates.shape == (T, K), f"gates must be [T={T}, K={K}], got {list(gates.shape)}")
-    cfg = config or gemm_config(T, K, E)
+    cfg = config or gemm_config(T, K, E, cd)
     acc = torch.float64 if cd == torch.float64 else torch.float32
     if deterministic:
         y = torch.empty(numel, D, dtype=acc, device=act.device)
@@ -363,6 +382,8 @@ def moe_weight_grad(a, a_by_token, b, b_by_token, routing, w, *, cd, gates=None,
         CDTYPE=_TL_DTYPE[cd], ACC=tl.float64 if cd == torch.float64 else tl.float32,
         DOT_PRECISION="ieee" if cd in (torch.float32, torch.float64) else "tf32",
         BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q,
+        # fp32 compute is an FMA dot held in registers: 4 warps spill on sm_90 for the w2 gradient
+        num_warps=8 if cd in (torch.float32, torch.float64) else 4,
     )
     return dw
 
@@ -461,7 +482,7 @@ def fused_moe_triton(
     s1, s3, s2 = scales if scales is not None else (None, None, None)
     cd = resolve_compute_dtype(w1, compute_dtype)
     k = expert_ids.shape[1] if expert_ids is not None else top_k
-    cfg = config or gemm_config(T, k, E)
+    cfg = config or gemm_config(T, k, E, cd)
     with torch.no_grad():
         routing = moe_route(
             x, router_w, top_k, renormalize=renormalize, router_softcap=router_softcap,

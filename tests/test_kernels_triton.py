@@ -281,6 +281,31 @@ def test_bf16_on_gpu(wkind, T, deterministic):
         torch.testing.assert_close(out, det, atol=1e-6, rtol=2.0**-7)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (the CPU proof: tests/test_kernels_aot.py records every launch on the meta device)")
+@pytest.mark.parametrize("T", [1, 64])
+def test_cuda_graph_replay_on_gpu(T):
+    """One capture serves every routing: replays with new tokens give the eager result bit for bit."""
+    x, rw, ws, scales = _make_inputs(T, 256, 512, 8, torch.int8, seed=3)
+    rw, ws, scales = rw.cuda(), [w.cuda() for w in ws], tuple(s.cuda() for s in scales)
+    static_x = x.cuda()
+    run = lambda: fused_moe(static_x, rw, *ws, scales=scales, impl="triton")[0]  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compile and warm the allocator outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run()
+    for seed in (4, 5, 6):
+        x_new = _make_inputs(T, 256, 512, 8, torch.int8, seed=seed)[0].cuda()
+        static_x.copy_(x_new)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = fused_moe(x_new, rw, *ws, scales=scales, impl="triton")[0]
+        assert torch.equal(static_out, eager), f"replay with seed {seed} differs from the eager call"
+
+
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------

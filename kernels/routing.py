@@ -47,6 +47,8 @@ def _router_topk_kernel(
     offs_e = tl.arange(0, E_PAD)
     t_mask = offs_t < T
     e_mask = offs_e < E
+    # 64-bit row offsets: T * D passes 2**31 at 350K tokens of Grok-1 (a large training batch)
+    rows_t = offs_t.to(tl.int64)
 
     # Router GEMV in exact fp32: a broadcast-multiply-sum, not tl.dot, which would round to tf32
     # on the GPU and needs dims >= 16 (E is 8).
@@ -55,7 +57,7 @@ def _router_topk_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         x = tl.load(
-            x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd,
+            x_ptr + rows_t[:, None] * stride_xt + offs_d[None, :] * stride_xd,
             mask=t_mask[:, None] & d_mask[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -74,7 +76,7 @@ def _router_topk_kernel(
     p = tl.exp(logits - m[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
     tl.store(
-        probs_ptr + offs_t[:, None] * stride_pt + offs_e[None, :] * stride_pe,
+        probs_ptr + rows_t[:, None] * stride_pt + offs_e[None, :] * stride_pe,
         p,
         mask=t_mask[:, None] & e_mask[None, :],
     )
@@ -86,7 +88,7 @@ def _router_topk_kernel(
     work = tl.where(e_mask[None, :], p, -1.0)  # padded experts can never win (p >= 0)
     for k in tl.static_range(TOP_K):
         if FORCED:
-            idx = tl.load(forced_ptr + offs_t * TOP_K + k, mask=t_mask, other=0).to(tl.int32)
+            idx = tl.load(forced_ptr + rows_t * TOP_K + k, mask=t_mask, other=0).to(tl.int32)
             g = tl.sum(tl.where(offs_e[None, :] == idx[:, None], p, 0.0), axis=1)
         else:
             g = tl.max(work, axis=1)
@@ -98,8 +100,8 @@ def _router_topk_kernel(
     if RENORM:
         gates = gates / tl.sum(gates, axis=1)[:, None]
     out_mask = t_mask[:, None] & (offs_k[None, :] < TOP_K)
-    tl.store(gates_ptr + offs_t[:, None] * TOP_K + offs_k[None, :], gates, mask=out_mask)
-    tl.store(ids_ptr + offs_t[:, None] * TOP_K + offs_k[None, :], ids, mask=out_mask)
+    tl.store(gates_ptr + rows_t[:, None] * TOP_K + offs_k[None, :], gates, mask=out_mask)
+    tl.store(ids_ptr + rows_t[:, None] * TOP_K + offs_k[None, :], ids, mask=out_mask)
 
 
 @triton.jit

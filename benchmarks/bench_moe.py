@@ -175,13 +175,16 @@ def time_cuda(fn, reps, graph):
     return statistics.median(ts), mode
 
 
+def _copy_us(n: int) -> float:
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    return time_cuda(lambda: dst.copy_(src), 20, graph=False)[0]  # both freed on return
+
+
 def measure_roofs():
     """Device copy bandwidth (B/s) and bf16 matmul rate (FLOP/s), measured now."""
     n = 1 << 29  # 1 GiB of bf16
-    src = torch.empty(n, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    t_copy, _ = time_cuda(lambda: dst.copy_(src), 20, graph=False)
-    del src, dst
+    t_copy = _copy_us(n)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t_mm, _ = time_cuda(lambda: a @ b, 20, graph=False)
@@ -189,11 +192,79 @@ def measure_roofs():
 
 
 # ---------------------------------------------------------------------------------------------
+# Targets (issue #4, on an H100) and the markdown record for BENCHMARKS.md
+# ---------------------------------------------------------------------------------------------
+
+HEADER = ["shape", "T", "routing", "dtype", "impl", "timer", "us", "TF/s", "GB/s", "%roof", "experts_hit", "max_err"]
+DECODE_MAX_T, PREFILL_T = 64, 4096
+TARGETS = {  # name -> (what, threshold)
+    "decode_hbm": ("decode (T <= 64): % of measured copy bandwidth on the bytes that must be read", 90.0),
+    "prefill_mma": ("prefill (T = 4096): % of measured bf16 matmul rate", 70.0),
+    "decode_vs_grouped_mm": ("decode (T <= 64, bf16): speed-up over torch._grouped_mm", 1.5),
+}
+
+
+def check_targets(rows: list, mm_rate: float) -> list[tuple[str, str, float, float, str]]:
+    """(target, scope, worst measured value, threshold, PASS/FAIL) for the `triton` rows; the worst
+    case over routings and token counts decides. Rows without a roofline (CPU) give no verdict."""
+    rec = [dict(zip(HEADER, r)) for r in rows]
+    ok = [r for r in rec if r["timer"] == "graph" and math.isfinite(r["us"])]
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in ok):
+        for dtype in dict.fromkeys(r["dtype"] for r in ok if r["shape"] == shape):
+            ours = [r for r in ok if r["impl"] == "triton" and r["shape"] == shape and r["dtype"] == dtype]
+            scope = f"{shape} {dtype}"
+            dec = [r["%roof"] for r in ours if r["T"] <= DECODE_MAX_T]
+            if dec:
+                out.append(("decode_hbm", scope, min(dec), TARGETS["decode_hbm"][1]))
+            pre = [100 * r["TF/s"] * 1e12 / mm_rate for r in ours if r["T"] == PREFILL_T]
+            if pre:
+                out.append(("prefill_mma", scope, min(pre), TARGETS["prefill_mma"][1]))
+            ratios = []
+            for r in ours:
+                if r["T"] > DECODE_MAX_T:
+                    continue
+                base = [b for b in ok if b["impl"] == "grouped_mm" and all(b[k] == r[k] for k in ("shape", "T", "routing", "dtype"))]
+                if base:
+                    ratios.append(base[0]["us"] / r["us"])
+            if ratios:
+                out.append(("decode_vs_grouped_mm", scope, min(ratios), TARGETS["decode_vs_grouped_mm"][1]))
+    return [(t, sc, v, th, "PASS" if v >= th else "FAIL") for t, sc, v, th in out]
+
+
+def markdown(rows: list, *, device: str, copy_bw: float, mm_rate: float, command: str) -> str:
+    """A dated section for BENCHMARKS.md: machine, command, measured roofs, the table, the targets."""
+    import datetime
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    lines = [
+        f"**{datetime.date.today().isoformat()}, {device}, commit {commit or 'unknown'}, torch {torch.__version__}.**",
+        f"Command: `{command}`. Measured in the same run: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TF/s.",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |")
+    verdicts = check_targets(rows, mm_rate) if math.isfinite(mm_rate) else []
+    lines += ["", "| target | scope | worst measured | needed | |", "|---|---|---|---|---|"]
+    for t, sc, v, th, verdict in verdicts:
+        lines.append(f"| {TARGETS[t][0]} | {sc} | {v:.3g} | {th:g} | {verdict} |")
+    if not verdicts:
+        lines.append("| (no GPU rows: no verdict) | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
 
-def main(*, shapes, tokens, routings, dtypes, impls, csv_path=None, reps=None):
+def main(*, shapes, tokens, routings, dtypes, impls, csv_path=None, reps=None, md_path=None, command=""):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     reps = reps or (20 if cuda else 3)
@@ -201,8 +272,7 @@ def main(*, shapes, tokens, routings, dtypes, impls, csv_path=None, reps=None):
     if cuda:
         print(f"# {torch.cuda.get_device_name()}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TF/s")
     rows = []
-    header = ["shape", "T", "routing", "dtype", "impl", "timer", "us", "TF/s", "GB/s", "%roof", "experts_hit", "max_err"]
-    print(" | ".join(f"{h:>10}" for h in header))
+    print(" | ".join(f"{h:>10}" for h in HEADER))
     for shape in shapes:
         D, F, E = SHAPES[shape]
         for dtype in dtypes:
@@ -243,9 +313,17 @@ def main(*, shapes, tokens, routings, dtypes, impls, csv_path=None, reps=None):
     if csv_path:
         with open(csv_path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(header)
+            w.writerow(HEADER)
             w.writerows(rows)
         print(f"# wrote {csv_path}")
+    verdicts = check_targets(rows, mm_rate) if cuda else []
+    for t, sc, v, th, verdict in verdicts:
+        print(f"# {verdict} {TARGETS[t][0]} [{sc}]: worst {v:.3g}, needed {th:g}")
+    if md_path:
+        device_name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter, tiny shapes)"
+        with open(md_path, "w") as f:
+            f.write(markdown(rows, device=device_name, copy_bw=copy_bw, mm_rate=mm_rate, command=command))
+        print(f"# wrote {md_path}")
     return rows
 
 
@@ -260,5 +338,7 @@ if __name__ == "__main__":
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 3 on CPU)")
     p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    p.add_argument("--md", default=None, help="also write a dated markdown section (table + target verdicts) for BENCHMARKS.md")
     a = p.parse_args()
-    main(shapes=a.shapes, tokens=a.tokens, routings=a.routings, dtypes=a.dtypes, impls=a.impls, csv_path=a.csv, reps=a.reps)
+    main(shapes=a.shapes, tokens=a.tokens, routings=a.routings, dtypes=a.dtypes, impls=a.impls, csv_path=a.csv,
+         reps=a.reps, md_path=a.md, command="python " + " ".join(sys.argv))

@@ -8,8 +8,9 @@
 #     device run, carry [".gpu"], command "bash scripts/gpu_check.sh"
 #
 # Runs: the GPU-only tests (bf16 kernels vs the reference, the released int8/bf16 model on the
-# Triton kernels vs the official fixture), then bench_moe.py and bench_generate.py. Copy the
-# figures into BENCHMARKS.md with the date, device and commit.
+# Triton kernels vs the official fixture), then bench_moe.py and bench_generate.py. Paste
+# $OUT/bench_moe.md (dated, with the device, commit, table and the issue-#4 target verdicts) and the
+# bench_generate figures into BENCHMARKS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -27,6 +28,6 @@ for pkg in kernels convert; do [ -e "grok_torch/$pkg" ] || ln -s "../$pkg" "grok
 status=0
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_triton.py tests/test_model_parity.py -k gpu 2>&1 \
   | tee "$out/gpu_tests.log" || status=1
-python3 benchmarks/bench_moe.py --csv "$out/bench_moe.csv" 2>&1 | tee "$out/bench_moe.log" || status=1
+python3 benchmarks/bench_moe.py --csv "$out/bench_moe.csv" --md "$out/bench_moe.md" 2>&1 | tee "$out/bench_moe.log" || status=1
 python3 benchmarks/bench_generate.py 2>&1 | tee "$out/bench_generate.log" || status=1
 exit $status

@@ -255,7 +255,10 @@ def markdown(rows: list, *, device: str, copy_bw: float, mm_rate: float, command
     for t, sc, v, th, verdict in verdicts:
         lines.append(f"| {TARGETS[t][0]} | {sc} | {v:.3g} | {th:g} | {verdict} |")
     if not verdicts:
-        lines.append("| (no GPU rows: no verdict) | | | | |")
+        lines.append("| (no CUDA-graph `triton` rows: no verdict) | | | | |")
+    failed = [f"{r[4]} {r[0]} T={r[1]} {r[2]} {r[3]}" for r in rows if r[5] == "error"]
+    if failed:
+        lines += ["", f"{len(failed)} row(s) failed (the exception is in the run's log): " + "; ".join(failed)]
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,7 @@ def test_bench_moe_runs_on_cpu(tmp_path):
                       impls=list(bench.IMPLS), csv_path=str(out), reps=1, md_path=str(md), command="test")
     header = ["shape", "T", "routing", "dtype", "impl", "timer", "us", "TF/s", "GB/s", "%roof", "experts_hit", "max_err"]
     text = md.read_text()
-    assert "CPU" in text and "Command: `test`" in text and "no verdict" in text
+    assert "CPU" in text and "Command: `test`" in text and "no verdict" in text and "failed" not in text
     assert text.count("| tiny |") == len(rows)
     with open(out) as f:
         table = list(csv.reader(f))
@@ -68,3 +68,4 @@ def test_target_verdicts():
     }
     md = bench.markdown(rows, device="NVIDIA H100 80GB HBM3", copy_bw=3.0e12, mm_rate=mm, command="x")
     assert "| FAIL |" in md and "| PASS |" in md and "copy 3000 GB/s, bf16 matmul 800 TF/s" in md
+    assert "1 row(s) failed" in md and "triton full T=8 uniform bf16" in md

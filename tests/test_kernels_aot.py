@@ -47,10 +47,20 @@ def test_launch_sequence_is_shape_only():
     assert full[8:] == ["_moe_wgrad_kernel"] * 3
 
 
-def test_item_on_meta_would_fail():
-    """The meta-device recording can fail: a host read of a tensor value raises there."""
-    with pytest.raises(Exception):
-        torch.empty(3, device="meta").sum().item()
+@pytest.mark.parametrize("read", ["item", "nonzero"])
+def test_recording_catches_a_host_read(monkeypatch, read):
+    """The shape-only proof can fail: a wrapper that reads a tensor's values raises on meta."""
+    from grok_torch.kernels import ops
+
+    real = ops.moe_align
+
+    def syncing(topk_ids, num_experts, block_m):
+        _ = int(topk_ids.max()) if read == "item" else topk_ids.nonzero()  # what breaks graph capture
+        return real(topk_ids, num_experts, block_m)
+
+    monkeypatch.setattr(ops, "moe_align", syncing)
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta|nonzero"):
+        aot.record_launches(aot.Scenario(T=64))
 
 
 # CI compiles every variant so that a kernel that would not build (or would spill) on an H100 fails

@@ -151,7 +151,7 @@ def record_launches(sc: Scenario) -> list:
     return log
 
 
-def _specialize(fn, grid, args, kwargs, target):
+def _specialize(fn, args, kwargs, target):
     """(signature, constexprs, attrs, options) as Triton's JIT builds them for these arguments."""
     from triton._C.libtriton import native_specialize_impl
     from triton.compiler.compiler import make_backend
@@ -204,8 +204,8 @@ def variants(full: bool = False, arch: int = 90) -> list[Variant]:
     target = GPUTarget("cuda", arch, 32)
     found: dict = {}
     for sc in scenarios(full):
-        for fn, grid, args, kwargs in record_launches(sc):
-            sig, ce, attrs, opts = _specialize(fn, grid, args, kwargs, target)
+        for fn, _grid, args, kwargs in record_launches(sc):
+            sig, ce, attrs, opts = _specialize(fn, args, kwargs, target)
             v = Variant(_describe(fn.__name__, sig, ce, opts), fn.__name__, sig, ce, attrs, opts)
             v = found.setdefault(v.key, v)
             v.scenarios.append(sc.name)

@@ -1,8 +1,11 @@
 """grok_torch.kernels: the Grok-1 MoE layer as fused Triton kernels, with a pure-PyTorch reference beside them.
 
-Public op (the model's MoE block calls this and nothing else):
+Public ops (the model's MoE block calls fused_moe; expert shards and expert parallelism, which
+route once and send each holder of experts its tokens, call the other two):
 
     out_TD, router_probs_TE, topk_ids_TK = fused_moe(x_TD, router_w_DE, w1_EDF, w3_EDF, w2_EFD, top_k=2, ...)
+    router_probs_TE, gates_TK, topk_ids_TK = moe_router(x_TD, router_w_DE, top_k=2, ...)
+    partial_TD (fp32) = moe_experts(x_TD, gates_TK, topk_ids_TK, w1_eDF, w3_eDF, w2_eFD, expert_start=e0)
 
 Files:
     reference.py    pure-PyTorch oracle: router, dequantisation, per-expert loop     (impl="torch")
@@ -22,9 +25,9 @@ import os
 
 import torch
 
-from .reference import moe_reference, route
+from .reference import moe_experts_reference, moe_reference, route
 
-__all__ = ["fused_moe", "moe_reference", "route", "resolve_impl"]
+__all__ = ["fused_moe", "moe_router", "moe_experts", "moe_reference", "moe_experts_reference", "route", "resolve_impl"]
 
 _IMPLS = ("torch", "triton")
 
@@ -98,3 +101,77 @@ def fused_moe(
     from .ops import fused_moe_triton  # Triton only when asked for
 
     return fused_moe_triton(x, router_w, w1, w3, w2, deterministic=deterministic, **kwargs)
+
+
+def moe_router(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    *,
+    top_k: int = 2,
+    renormalize: bool = False,
+    router_softcap: float | None = None,
+    expert_ids: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routing of ``fused_moe`` alone: (router_probs [T, E] fp32, gates [T, K] fp32, topk_ids [T, K] int64).
+
+    Triton: one launch (fp32 router, softmax, top-k). When autograd records (x or router_w requires
+    grad) the probabilities are recomputed with torch ops at the chosen experts, as fused_moe does,
+    so gradients reach the router through the gates.
+    """
+    kwargs = dict(renormalize=renormalize, router_softcap=router_softcap)
+    if resolve_impl(impl, x) == "torch":
+        return route(x, router_w, top_k, expert_ids=expert_ids, **kwargs)
+    from .ops import moe_router as router_triton
+
+    with torch.no_grad():
+        probs, gates, ids = router_triton(x, router_w, top_k, expert_ids=expert_ids, **kwargs)
+    ids = ids.long()
+    if torch.is_grad_enabled() and (x.requires_grad or router_w.requires_grad):
+        probs, gates, _ = route(x, router_w, expert_ids=ids, **kwargs)
+    return probs, gates, ids
+
+
+def moe_experts(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    expert_start: int = 0,
+    f_partial: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    impl: str = "auto",
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """The expert half of the MoE layer, routing given (from ``moe_router`` on the token's device).
+
+    Computes ``sum_k gates[t, k] * expert_{topk_ids[t, k]}(x[t])`` over the slots whose expert this
+    call holds, and returns it UNROUNDED as fp32 ``[T, D]`` (fp64 for fp64): callers add the partial
+    results of several holders, then cast once to the compute dtype. Forward and backward (x, gates
+    and float weights are differentiable). No host synchronisation on the Triton path.
+
+    Args:
+        x, gates, topk_ids: [T, D] tokens, [T, K] gates and [T, K] GLOBAL expert ids.
+        w1, w3, w2:   [E_local, D, F_local], [E_local, D, F_local], [E_local, F_local, D]: experts
+                      ``expert_start ... expert_start + E_local - 1``, or all experts with a slice
+                      of their hidden dim F (``f_partial=True``).
+        scales:       (s1, s3, s2) for int8 weights, sliced like the weights ([E_local, G, N]).
+        expert_start: global id of w1[0]. Slots routed to experts outside the range add nothing.
+        f_partial:    the weights hold a slice of F: each expert's down projection is a partial sum
+                      and is not rounded to the compute dtype before the gate (the reference rounds
+                      a complete one, as fused_moe does; the Triton kernels never round it).
+
+    With top_k = 2 (Grok-1), the sum of the expert-split partials equals ``fused_moe``'s output bit
+    for bit before the final cast: a token's two slots are either in one partial, in the same
+    order, or in two (fp32 addition of two terms commutes, and the other partials add exact zeros).
+    """
+    kwargs = dict(scales=scales, expert_start=expert_start, compute_dtype=compute_dtype)
+    if resolve_impl(impl, x) == "torch":
+        return moe_experts_reference(x, gates, topk_ids, w1, w3, w2, f_partial=f_partial, **kwargs)
+    from .ops import moe_experts_triton
+
+    return moe_experts_triton(x, gates, topk_ids, w1, w3, w2, deterministic=deterministic, **kwargs)

@@ -41,8 +41,11 @@ __all__ = [
     "Routing",
     "GemmConfig",
     "gemm_config",
+    "moe_router",
     "moe_route",
     "moe_align",
+    "local_routing",
+    "moe_experts_triton",
     "moe_up",
     "moe_down",
     "moe_combine",
@@ -128,6 +131,8 @@ class Routing:
     sorted_ids    [MAX_BLOCKS * BLOCK_M] int32  flat row t*K+k of each GEMM row; T*K = padding
     block_expert  [MAX_BLOCKS] int32            expert of each BLOCK_M tile; -1 = no work
     counts        [E] int32      rows per expert;  offsets [E+1] int32 padded start rows
+    partial       True when some (token, slot) rows go to experts not held here (expert shards):
+                  those rows are never computed, so the buffers that hold them start zeroed
     """
 
     router_probs: torch.Tensor
@@ -138,6 +143,7 @@ class Routing:
     counts: torch.Tensor
     offsets: torch.Tensor
     block_m: int
+    partial: bool = False
 
     @property
     def max_blocks(self) -> int:
@@ -145,7 +151,10 @@ class Routing:
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """Group the (token, slot) rows by expert. Returns (sorted_ids, block_expert, counts, offsets)."""
+    """Group the (token, slot) rows by expert. Returns (sorted_ids, block_expert, counts, offsets).
+
+    Ids outside [0, num_experts) are dropped (no GEMM row): an expert shard passes global ids minus
+    its first expert."""
     _check(topk_ids.dim() == 2, f"topk_ids must be [T, K], got {tuple(topk_ids.shape)}")
     _check(block_m >= 16 and block_m & (block_m - 1) == 0, f"block_m must be a power of two >= 16, got {block_m}")
     numel = topk_ids.numel()
@@ -165,7 +174,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, block_expert, counts, offsets
 
 
-def moe_route(
+def moe_router(
     x: torch.Tensor,
     router_w: torch.Tensor,
     top_k: int = 2,
@@ -173,9 +182,8 @@ def moe_route(
     renormalize: bool = False,
     router_softcap: float | None = None,
     expert_ids: torch.Tensor | None = None,
-    block_m: int = 64,
-) -> Routing:
-    """Router + top-k (launch 1) and expert grouping padded to block_m (launch 2)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router + softmax + top-k in one launch: (probs [T, E] fp32, gates [T, K] fp32, topk_ids [T, K] int32)."""
     _check(x.dim() == 2, f"x must be [T, D], got {tuple(x.shape)}")
     _check(x.is_floating_point(), f"x must be floating, got {x.dtype}")
     T, D = x.shape
@@ -200,8 +208,38 @@ def moe_route(
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(E),
         BLOCK_T=BLOCK_T, BLOCK_D=64,
     )
-    sorted_ids, block_expert, counts, offsets = moe_align(ids, E, block_m)
+    return probs, gates, ids
+
+
+def moe_route(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    top_k: int = 2,
+    *,
+    renormalize: bool = False,
+    router_softcap: float | None = None,
+    expert_ids: torch.Tensor | None = None,
+    block_m: int = 64,
+) -> Routing:
+    """Router + top-k (launch 1) and expert grouping padded to block_m (launch 2)."""
+    probs, gates, ids = moe_router(
+        x, router_w, top_k, renormalize=renormalize, router_softcap=router_softcap, expert_ids=expert_ids
+    )
+    sorted_ids, block_expert, counts, offsets = moe_align(ids, router_w.shape[1], block_m)
     return Routing(probs, gates, ids, sorted_ids, block_expert, counts, offsets, block_m)
+
+
+def local_routing(gates: torch.Tensor, topk_ids: torch.Tensor, expert_start: int, num_local: int, block_m: int) -> Routing:
+    """The grouping for an expert shard holding experts ``expert_start ... expert_start + num_local - 1``.
+
+    Slots routed to other experts get no GEMM row (the align kernel drops ids outside the shard);
+    their rows of the per-slot buffers stay zero. One launch, no host synchronisation.
+    """
+    ids = topk_ids.to(torch.int32)
+    if expert_start:
+        ids = ids - expert_start
+    sorted_ids, block_expert, counts, offsets = moe_align(ids, num_local, block_m)
+    return Routing(None, gates, ids, sorted_ids, block_expert, counts, offsets, block_m, partial=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,11 +317,12 @@ def moe_up(
     K = routing.topk_ids.shape[1]
     cfg = config or gemm_config(T, K, E, cd)
     _check(cfg.block_m == routing.block_m, f"config.block_m={cfg.block_m} != routing.block_m={routing.block_m}")
-    act = torch.empty(T * K, F, dtype=cd, device=x.device)
+    new = torch.zeros if routing.partial else torch.empty  # rows of other shards' experts stay 0
+    act = new(T * K, F, dtype=cd, device=x.device)
     preact = None
     if store_preact:
         acc = torch.float64 if cd == torch.float64 else torch.float32
-        preact = (torch.empty(T * K, F, dtype=acc, device=x.device), torch.empty(T * K, F, dtype=acc, device=x.device))
+        preact = (new(T * K, F, dtype=acc, device=x.device), new(T * K, F, dtype=acc, device=x.device))
         cfg = replace(cfg, block_n=min(cfg.block_n, cfg.preact_block_n))
     _launch_gemm(
         x, True, w1, w3, s1, s3, act, routing, N=F, K=D, kb=w1.stride(1), nb=w1.stride(2), top_k=K,
@@ -323,7 +362,7 @@ def moe_down(
     cfg = config or gemm_config(T, K, E, cd)
     acc = torch.float64 if cd == torch.float64 else torch.float32
     if deterministic:
-        y = torch.empty(numel, D, dtype=acc, device=act.device)
+        y = (torch.zeros if routing.partial else torch.empty)(numel, D, dtype=acc, device=act.device)
     else:
         y = torch.zeros(T, D, dtype=acc, device=act.device)  # the atomics accumulate into it
     _launch_gemm(
@@ -351,7 +390,8 @@ def moe_combine(y: torch.Tensor, top_k: int, out_dtype: torch.dtype) -> torch.Te
 def _moe_transposed(dy, by_token, w, s, routing, *, cd, cfg, top_k, numel):
     """dy @ w[e]^T for each row's expert: w is [E, K_w, N_w], dy is [rows, N_w] -> [T*K, K_w] (fp32/fp64)."""
     E, Kw, Nw = w.shape
-    out = torch.empty(numel, Kw, dtype=torch.float64 if cd == torch.float64 else torch.float32, device=dy.device)
+    new = torch.zeros if routing.partial else torch.empty
+    out = new(numel, Kw, dtype=torch.float64 if cd == torch.float64 else torch.float32, device=dy.device)
     kw = {}
     if s is not None:
         # B^T[k, n] = w[n, k] with scale s[n // (K_w/G), k]: the scale varies along the reduction,
@@ -397,7 +437,7 @@ class _MoEExperts(torch.autograd.Function):
     """out = sum_k gate_k * w2(gelu_tanh(w1 x) * w3 x) over each token's experts (routing fixed)."""
 
     @staticmethod
-    def forward(ctx, x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, deterministic):
+    def forward(ctx, x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, deterministic, out_dtype=None):
         T, K = routing.topk_ids.shape
         need_grad = any(ctx.needs_input_grad[:5])
         up = moe_up(
@@ -407,7 +447,8 @@ class _MoEExperts(torch.autograd.Function):
         act, g, u = up if need_grad else (up, None, None)
         y = moe_down(act, w2, routing, scale=s2, gates=gates, compute_dtype=cd, config=cfg, deterministic=deterministic)
         # deterministic: combine launch in slot order; otherwise the down GEMM already summed the slots
-        out = moe_combine(y, K, cd) if deterministic else y.to(cd)
+        out_dtype = out_dtype or cd
+        out = moe_combine(y, K, out_dtype) if deterministic else y.to(out_dtype)
         if need_grad:
             ctx.save_for_backward(x, gates, w1, w3, w2, s1, s3, s2, act, g, u)
             ctx.routing, ctx.cd, ctx.cfg = routing, cd, cfg
@@ -443,7 +484,7 @@ class _MoEExperts(torch.autograd.Function):
             dw3 = moe_weight_grad(x, True, du, False, routing, w3, cd=cd)
         if ctx.needs_input_grad[4]:
             dw2 = moe_weight_grad(act, False, dout, True, routing, w2, cd=cd, gates=gates)
-        return dx, dgates.to(gates.dtype), dw1, dw3, dw2, None, None, None, None, None, None, None
+        return dx, dgates.to(gates.dtype), dw1, dw3, dw2, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,3 +537,40 @@ def fused_moe_triton(
         )
     out = _MoEExperts.apply(x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, bool(deterministic))
     return out, probs, routing.topk_ids.long()
+
+
+def moe_experts_triton(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    expert_start: int = 0,
+    compute_dtype: torch.dtype | None = None,
+    config: GemmConfig | None = None,
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """The experts of the layer with the routing given; same contract as grok_torch.kernels.moe_experts.
+
+    One align launch for this shard's experts, then the same grouped GEMMs as fused_moe_triton. The
+    down GEMM's output is fp32 whatever F holds, so a slice of F needs nothing special here.
+    """
+    _check(x.dim() == 2, f"x must be [T, D], got {list(x.shape)}")
+    _check(topk_ids.dim() == 2 and topk_ids.shape[0] == x.shape[0],
+           f"topk_ids must be [T={x.shape[0]}, k], got {list(topk_ids.shape)}")
+    _check(gates.shape == topk_ids.shape, f"gates must be {list(topk_ids.shape)}, got {list(gates.shape)}")
+    _check(w1.dim() == 3, f"w1 must be [E_local, D, F], got {list(w1.shape)}")
+    if w1.dtype == torch.int8:
+        _check(scales is not None and len(scales) == 3, "int8 weights need scales=(s1, s3, s2)")
+    s1, s3, s2 = scales if scales is not None else (None, None, None)
+    cd = resolve_compute_dtype(w1, compute_dtype)
+    T, K = topk_ids.shape
+    E_local = w1.shape[0]
+    cfg = config or gemm_config(T, K, E_local, cd)
+    with torch.no_grad():
+        routing = local_routing(gates, topk_ids, expert_start, E_local, cfg.block_m)
+    acc = torch.float64 if cd == torch.float64 else torch.float32
+    return _MoEExperts.apply(x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, bool(deterministic), acc)

@@ -5,6 +5,8 @@ Map (shape suffixes: T tokens, D model dim, F expert hidden dim, E experts, K to
     route(x_TD, router_w_DE)                  -> router_probs_TE (fp32), gates_TK (fp32), topk_ids_TK (int64)
     dequantize(w_xKN, scales_xGN, compute_dtype) -> W_xKN in compute_dtype (fp32: the exact product)
     gelu_tanh(z, compute_dtype)               -> GELU, tanh approximation, constants rounded to compute_dtype
+    moe_experts_reference(x_TD, gates_TK, topk_ids_TK, w1, w3, w2, expert_start=0)
+                                              -> fp32 out_TD over the experts held (routing given)
     moe_reference(...)                        -> (out_TD, router_probs_TE, topk_ids_TK)
 
 It follows the official JAX code (xai-org/grok-1 model.py, see shared/grok1/SPEC.md section 3.3):
@@ -19,7 +21,7 @@ import math
 
 import torch
 
-__all__ = ["route", "dequantize", "gelu_tanh", "gelu_constants", "moe_reference", "resolve_compute_dtype"]
+__all__ = ["route", "dequantize", "gelu_tanh", "gelu_constants", "moe_experts_reference", "moe_reference", "resolve_compute_dtype"]
 
 
 def resolve_compute_dtype(w: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -87,6 +89,59 @@ def dequantize(w: torch.Tensor, scales: torch.Tensor | None, compute_dtype: torc
     return w_full if compute_dtype == torch.float32 else w_full.to(compute_dtype)  # fp32: the exact product
 
 
+def moe_experts_reference(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    expert_start: int = 0,
+    f_partial: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The experts of a routed MoE layer, routing given: ``sum_k gate_k * expert_k(x)`` over the k
+    slots whose expert is held here, as fp32 ``[T, D]`` (fp64 stays fp64). See ``moe_experts``.
+
+    w1/w3/w2 hold experts ``expert_start ... expert_start + w1.shape[0] - 1``; slots routed elsewhere
+    add nothing. ``f_partial``: the weights hold a slice of the hidden dim F, so each expert's down
+    projection is a partial sum: it is kept unrounded instead of being rounded to the compute dtype.
+    """
+    cd = resolve_compute_dtype(w1, compute_dtype)
+    T, D = x.shape[0], w2.shape[-1]
+    E_local = w1.shape[0]
+    K = topk_ids.shape[1]
+    acc = torch.promote_types(cd, torch.float32)  # fp32 accumulation (fp64 stays fp64 for gradcheck)
+    s1, s3, s2 = scales if scales is not None else (None, None, None)
+
+    # One row per (token, slot); each local expert fills the rows routed to it, the others stay 0.
+    flat_ids = topk_ids.reshape(-1)
+    y = x.new_zeros(T * K, D, dtype=acc if f_partial else cd)
+    for e in range(E_local):
+        rows = (flat_ids == e + expert_start).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue  # an expert without tokens never touches its weights
+        xe = x[rows // K].to(cd)
+        g = xe @ dequantize(w1[e], None if s1 is None else s1[e], cd)
+        u = xe @ dequantize(w3[e], None if s3 is None else s3[e], cd)
+        a = (gelu_tanh(g.to(acc), cd) * u.to(acc)).to(cd)
+        w2e = dequantize(w2[e], None if s2 is None else s2[e], cd)
+        ye = a.to(acc) @ w2e.to(acc) if f_partial else a @ w2e
+        y = y.index_copy(0, rows, ye)
+
+    # Weighted sum over slots in slot order, gate rounded to the compute dtype first (official code).
+    # A slot held elsewhere adds an exact 0, so with k = 2 the partial sums of several holders add up
+    # to the single-device bits (two fp32 terms commute).
+    y = y.view(T, K, D).to(acc)
+    g_TK = gates.to(cd).to(acc)
+    out = g_TK[:, 0:1] * y[:, 0]
+    for k in range(1, K):
+        out = out + g_TK[:, k : k + 1] * y[:, k]
+    return out
+
+
 def moe_reference(
     x: torch.Tensor,
     router_w: torch.Tensor,
@@ -101,34 +156,10 @@ def moe_reference(
     compute_dtype: torch.dtype | None = None,
     expert_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The MoE layer as a loop over experts. See the module docstring for the numerics."""
+    """The MoE layer: ``route`` then ``moe_experts_reference`` over all experts. See the module docstring."""
     cd = resolve_compute_dtype(w1, compute_dtype)
-    T, D = x.shape
-    E = w1.shape[0]
     probs, gates, topk_ids = route(
         x, router_w, top_k, renormalize=renormalize, router_softcap=router_softcap, expert_ids=expert_ids
     )
-    K = topk_ids.shape[1]
-    acc = torch.promote_types(cd, torch.float32)  # fp32 accumulation (fp64 stays fp64 for gradcheck)
-    s1, s3, s2 = scales if scales is not None else (None, None, None)
-
-    # One row per (token, slot); each expert fills the rows routed to it.
-    flat_ids = topk_ids.reshape(-1)
-    y = x.new_zeros(T * K, D, dtype=cd)
-    for e in range(E):
-        rows = (flat_ids == e).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue  # an expert without tokens never touches its weights
-        xe = x[rows // K].to(cd)
-        g = xe @ dequantize(w1[e], None if s1 is None else s1[e], cd)
-        u = xe @ dequantize(w3[e], None if s3 is None else s3[e], cd)
-        a = (gelu_tanh(g.to(acc), cd) * u.to(acc)).to(cd)
-        y = y.index_copy(0, rows, a @ dequantize(w2[e], None if s2 is None else s2[e], cd))
-
-    # Weighted sum over slots in slot order, gate rounded to the compute dtype first (official code).
-    y = y.view(T, K, D).to(acc)
-    g_TK = gates.to(cd).to(acc)
-    out = g_TK[:, 0:1] * y[:, 0]
-    for k in range(1, K):
-        out = out + g_TK[:, k : k + 1] * y[:, k]
+    out = moe_experts_reference(x, gates, topk_ids, w1, w3, w2, scales=scales, compute_dtype=cd)
     return out.to(cd), probs, topk_ids

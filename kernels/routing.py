@@ -127,7 +127,8 @@ def _align_kernel(
     for i0 in range(0, NUMEL, CHUNK):
         offs = i0 + tl.arange(0, CHUNK)
         e = tl.load(ids_ptr + offs, mask=offs < NUMEL, other=E_PAD)
-        counts += tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+        # ids outside [0, E) belong to another expert shard: never counted, never given a row
+        counts += tl.sum(((e[:, None] == offs_e[None, :]) & e_mask[None, :]).to(tl.int32), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
@@ -139,9 +140,9 @@ def _align_kernel(
     seen = tl.zeros((E_PAD,), dtype=tl.int32)
     for i0 in range(0, NUMEL, CHUNK):
         offs = i0 + tl.arange(0, CHUNK)
-        valid = offs < NUMEL
-        e = tl.load(ids_ptr + offs, mask=valid, other=E_PAD)
-        onehot = (e[:, None] == offs_e[None, :]).to(tl.int32)
+        e = tl.load(ids_ptr + offs, mask=offs < NUMEL, other=E_PAD)
+        valid = (offs < NUMEL) & (e >= 0) & (e < E)
+        onehot = ((e[:, None] == offs_e[None, :]) & e_mask[None, :]).to(tl.int32)
         rank = tl.cumsum(onehot, axis=0) - 1 + seen[None, :] + starts[None, :]
         row = tl.sum(onehot * rank, axis=1)
         tl.store(sorted_ptr + row, offs, mask=valid)

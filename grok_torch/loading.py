@@ -1,11 +1,16 @@
-"""Weights: how a stored matrix is held (``Weight``) and how a converted checkpoint is loaded.
+"""Loading a converted checkpoint: every tensor from the safetensors shards straight to its device.
 
-    Grok.from_pretrained(dir, dtype, device)
+    Grok.from_pretrained(dir, dtype, device | device_map=... | expert_parallel=True)
       -> GrokConfig.from_json(dir/config.json)           the config travels with the weights
       -> build Grok on the meta device                   no random init, no memory
-      -> for each safetensors shard: safe_open, check name/shape/dtype, cast only where needed
-         (an fp32 checkpoint's attention matrices stay fp32: the attention math is fp32)
+      -> placement (grok_torch.parallel), when asked     expert shards built on meta; a device per
+                                                         parameter; the memory planner's check first
+      -> for each safetensors shard: safe_open, check name/shape/dtype; each parameter reads its
+         slice (``get_slice``: an expert shard reads only its experts' bytes), moves to its device,
+         casts only where needed (an fp32 checkpoint's attention matrices stay fp32)
       -> load_state_dict(assign=True)                    the loaded tensors ARE the parameters
+
+Host memory holds one tensor (or slice) at a time: peak RSS does not grow with the model.
 
 Layout is ``convert/weight_map.py``: matrices in the released ``[in, out]`` layout (``y = x @ w``),
 experts stacked; int8 checkpoints carry ``<name>.weight`` int8 + ``<name>.scales`` bf16 ``[*lead, G, out]``.
@@ -15,48 +20,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import re
 
 import torch
 from torch import nn
 
 from grok_torch.config import GrokConfig
-from grok_torch.kernels.reference import dequantize  # one dequantization for attention and experts
+from grok_torch.weights import SUPPORTED_DTYPES, Weight
 
-__all__ = ["Weight", "dequantize", "load_pretrained", "SUPPORTED_DTYPES"]
-
-# Activation dtypes the faithful model supports: bf16 (the release's fprop dtype) and fp32 (SPEC §8.1).
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
-
-
-class Weight(nn.Module):
-    """One stored matrix ``weight [*lead, in, out]`` and, when quantized, ``scales [*lead, G, out]`` (bf16).
-
-    ``fp32_math``: the consumer computes in fp32 (attention). Loading then keeps an fp32 float
-    checkpoint's matrix in fp32 instead of rounding it to the activation dtype, so it holds the same
-    exact int8*scale products the int8 path dequantizes to.
-    """
-
-    def __init__(self, shape: Sequence[int], groups: int, quantized: bool, dtype: torch.dtype,
-                 fp32_math: bool = False):
-        super().__init__()
-        shape = tuple(shape)
-        self.fp32_math = fp32_math
-        self.weight = nn.Parameter(torch.empty(shape, dtype=torch.int8 if quantized else dtype), requires_grad=False)
-        if quantized:
-            scales = torch.empty(*shape[:-2], groups, shape[-1], dtype=torch.bfloat16)
-            self.scales = nn.Parameter(scales, requires_grad=False)
-        else:
-            self.scales = None
-
-    @property
-    def quantized(self) -> bool:
-        return self.scales is not None
-
-    def dequant(self, dtype: torch.dtype) -> torch.Tensor:
-        """The matrix in ``dtype`` (int8 is dequantized on the fly: the reference path)."""
-        return dequantize(self.weight, self.scales, dtype)
-
+__all__ = ["load_pretrained"]
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -136,14 +110,124 @@ def _target_dtype(name: str, stored: torch.dtype, expected: torch.dtype, keep_fp
     return expected
 
 
+def _check_config(path: Path, config: Optional[GrokConfig]) -> GrokConfig:
+    file_cfg = GrokConfig.from_json(path / "config.json")
+    if config is None:
+        return file_cfg
+    if not config.same_architecture(file_cfg) or config.weight_format != file_cfg.weight_format:
+        diff = {k: (v, file_cfg.to_dict().get(k)) for k, v in config.to_dict().items()
+                if k != "name" and v != file_cfg.to_dict().get(k)}
+        raise ValueError(f"config does not match the checkpoint in {path}: "
+                         + ", ".join(f"{k}={a!r} (checkpoint: {b!r})" for k, (a, b) in diff.items()))
+    return config
+
+
+_SHARD_PARAM = re.compile(r"^(layers\.\d+\.moe)\.shards\.\d+\.(w[123])\.(weight|scales)$")
+Source = Tuple[str, Optional[Tuple[slice, ...]]]
+
+
+def checkpoint_sources(model: nn.Module) -> Dict[str, Source]:
+    """Parameter name -> (checkpoint tensor, index into it or None for the whole tensor).
+
+    An expert shard's ``layers.{i}.moe.shards.{j}.w1.weight`` is a slice of ``layers.{i}.moe.w1.weight``
+    (its ``ShardSpec`` says which); every other parameter is the checkpoint tensor of the same name.
+    """
+    out: Dict[str, Source] = {}
+    for name, _ in model.named_parameters():
+        m = _SHARD_PARAM.match(name)
+        if m is None:
+            out[name] = (name, None)
+            continue
+        spec = model.get_submodule(name.rsplit(".", 2)[0]).spec
+        out[name] = (f"{m.group(1)}.{m.group(2)}.{m.group(3)}", spec.slices(f"{m.group(2)}.{m.group(3)}"))
+    return out
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; a bare environment still loads
+        return None
+    quiet = os.environ.get("RANK", "0") != "0"  # one bar per job, not one per rank
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=True if quiet else None, leave=False)
+
+
+def read_checkpoint(path: Path, expected: Dict[str, torch.Tensor], targets: Dict[str, torch.device],
+                    sources: Dict[str, Source], dtype_of) -> Dict[str, torch.Tensor]:
+    """Read every parameter of ``targets`` (name -> device) from the shards of ``path``.
+
+    expected: checkpoint tensor name -> meta tensor of its full shape (what the config implies).
+    dtype_of(checkpoint name, stored dtype) -> the dtype the parameter is kept in.
+    """
+    from safetensors import safe_open
+
+    shards = _shards(path)
+    missing = sorted(set(expected) - set(shards))
+    unexpected = sorted(set(shards) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint tensors do not match the config "
+                         f"(missing: {missing[:8]}{'...' if len(missing) > 8 else ''}; "
+                         f"unexpected: {unexpected[:8]}{'...' if len(unexpected) > 8 else ''})")
+    readers: Dict[str, list] = {}
+    for param, (src, _) in sources.items():
+        if param in targets:
+            readers.setdefault(src, []).append(param)
+    files = sorted({shards[src] for src in readers})
+    bar = _progress(sum(os.path.getsize(f) for f in files if os.path.isfile(f)), f"loading {path.name}")
+    state: Dict[str, torch.Tensor] = {}
+    try:
+        for shard in files:
+            if not os.path.isfile(shard):
+                raise FileNotFoundError(f"checkpoint shard {shard} does not exist")
+            try:
+                with safe_open(shard, framework="pt", device="cpu") as f:
+                    names = list(f.keys())
+                    for name in names:
+                        if name not in expected:
+                            raise ValueError(f"{shard}: holds {name}, which the model does not have "
+                                             "(the index does not match the shard)")
+                        if name not in readers:
+                            continue
+                        sl = f.get_slice(name)
+                        shape, want = tuple(sl.get_shape()), expected[name]
+                        if shape != tuple(want.shape):
+                            raise ValueError(f"{name}: checkpoint shape {shape} != model shape "
+                                             f"{tuple(want.shape)} (config does not match the weights)")
+                        for param in readers[name]:
+                            index = sources[param][1]
+                            t = f.get_tensor(name) if index is None else sl[index]
+                            state[param] = t.to(device=targets[param], dtype=dtype_of(name, t.dtype))
+                            del t  # the host copy goes before the next tensor is read
+            except (ValueError, FileNotFoundError):
+                raise
+            except Exception as e:  # SafetensorError (not a public class), OSError on a truncated mmap
+                msg = " ".join(str(e).split())
+                raise ValueError(f"{shard}: not a readable safetensors file ({type(e).__name__}: {msg})") from None
+            if bar is not None:
+                bar.update(os.path.getsize(shard))
+    finally:
+        if bar is not None:
+            bar.close()
+    absent = sorted(p for p in targets if p not in state)
+    if absent:
+        raise ValueError(f"{path}: tensors listed in the index are missing from their shards: "
+                         f"{[sources[p][0] for p in absent[:8]]}{'...' if len(absent) > 8 else ''}")
+    return state
+
+
 def load_pretrained(
     cls,
     path: Union[str, os.PathLike],
     *,
     dtype: torch.dtype = torch.bfloat16,
-    device: Union[str, torch.device] = "cpu",
+    device: Union[str, torch.device, None] = None,
     config: Optional[GrokConfig] = None,
     impl: str = "auto",
+    device_map=None,
+    devices: Optional[Sequence] = None,
+    max_memory: Optional[Dict] = None,
+    expert_parallel: Union[bool, str] = False,
+    process_group=None,
 ):
     """Build ``cls`` (a Grok) from a grok-convert output directory. See ``Grok.from_pretrained``."""
     if dtype not in SUPPORTED_DTYPES:
@@ -153,45 +237,47 @@ def load_pretrained(
         raise ValueError(f"model path {path} is not a directory (pass the directory written by grok-convert)")
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
-    device = _check_device(device)
-    file_cfg = GrokConfig.from_json(path / "config.json")
-    if config is None:
-        config = file_cfg
-    elif not config.same_architecture(file_cfg) or config.weight_format != file_cfg.weight_format:
-        diff = {k: (v, file_cfg.to_dict().get(k)) for k, v in config.to_dict().items()
-                if k != "name" and v != file_cfg.to_dict().get(k)}
-        raise ValueError(f"config does not match the checkpoint in {path}: "
-                         + ", ".join(f"{k}={a!r} (checkpoint: {b!r})" for k, (a, b) in diff.items()))
+    if device_map is not None and expert_parallel:
+        raise ValueError("pass device_map (several GPUs in this process) or expert_parallel (one "
+                         "shard per process), not both")
+    if device_map is not None and device is not None:
+        raise ValueError("pass device (one device) or device_map (several), not both")
+    config = _check_config(path, config)
 
     with torch.device("meta"):
         model = cls(config, dtype=dtype, impl=impl)
-    expected = {name: t for name, t in model.state_dict().items()}
+    expected = dict(model.state_dict())
     keep_fp32 = {f"{mod_name}.weight" for mod_name, mod in model.named_modules()
                  if isinstance(mod, Weight) and mod.fp32_math}
     # bf16 mode keeps a bf16 embedding table as stored (the model upcasts rows and head slices exactly)
     keep_bf16 = {"embed.weight"} if dtype == torch.bfloat16 else set()
-    shards = _shards(path)
-    missing = sorted(set(expected) - set(shards))
-    unexpected = sorted(set(shards) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint tensors do not match the config "
-                         f"(missing: {missing[:8]}{'...' if len(missing) > 8 else ''}; "
-                         f"unexpected: {unexpected[:8]}{'...' if len(unexpected) > 8 else ''})")
 
-    state: Dict[str, torch.Tensor] = {}
-    for shard in sorted(set(shards.values())):
-        for name, t in _read_shard(shard, str(device)):
-            if name not in expected:
-                raise ValueError(f"{shard}: holds {name}, which the model does not have "
-                                 "(the index does not match the shard)")
-            want = expected[name]
-            if tuple(t.shape) != tuple(want.shape):
-                raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape "
-                                 f"{tuple(want.shape)} (config does not match the weights)")
-            state[name] = t.to(_target_dtype(name, t.dtype, want.dtype, name in keep_fp32, name in keep_bf16))
-    absent = sorted(set(expected) - set(state))
-    if absent:
-        raise ValueError(f"{path}: tensors listed in the index are missing from their shards: "
-                         f"{absent[:8]}{'...' if len(absent) > 8 else ''}")
+    def dtype_of(name: str, stored: torch.dtype) -> torch.dtype:
+        return _target_dtype(name, stored, expected[name].dtype, name in keep_fp32, name in keep_bf16)
+
+    placement = None
+    if expert_parallel:
+        from grok_torch.parallel.distributed import prepare_expert_parallel
+
+        split = "experts" if expert_parallel is True else expert_parallel
+        targets = prepare_expert_parallel(model, split, device=device, process_group=process_group)
+    elif device_map is not None:
+        from grok_torch.parallel.placement import check_placement_fits, param_devices, plan_placement
+        from grok_torch.parallel.sharded_moe import shard_moe_blocks
+
+        placement = plan_placement(config, device_map, devices=devices, max_memory=max_memory, dtype=dtype)
+        for d in set(placement.device_map.values()):
+            _check_device(d)
+        check_placement_fits(config, placement, dtype, max_memory)
+        shard_moe_blocks(model, placement.specs)
+        targets = param_devices(model, placement)
+    else:
+        device = _check_device("cpu" if device is None else device)
+        targets = {name: device for name, _ in model.named_parameters()}
+    state = read_checkpoint(path, expected, targets, checkpoint_sources(model), dtype_of)
     model.load_state_dict(state, strict=True, assign=True)
+    if placement is not None:
+        from grok_torch.parallel.placement import attach_hooks
+
+        attach_hooks(model, placement)
     return model.eval()

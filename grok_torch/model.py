@@ -18,14 +18,15 @@ Single device: no placement happens here (see loading.py for from_pretrained).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from grok_torch.config import GrokConfig
-from grok_torch.loading import SUPPORTED_DTYPES, Weight, load_pretrained
+from grok_torch.loading import load_pretrained
 from grok_torch.moe import MoE
+from grok_torch.weights import SUPPORTED_DTYPES, Weight
 
 __all__ = ["Grok", "KVCache", "RMSNorm", "Attention", "DecoderLayer", "apply_rope"]
 
@@ -66,20 +67,21 @@ class KVCache:
 
     ``pos[b]`` is the next write position of row b; rows advance independently, so prompts of
     different lengths decode together (each at its own RoPE position, like the official runner).
+    ``k[i]`` / ``v[i]`` live on ``layer_devices[i]`` (default ``device``): a placed model keeps each
+    layer's cache beside the layer; ``key_valid`` and ``pos`` stay on ``device``.
     """
 
-    def __init__(self, cfg: GrokConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: GrokConfig, batch: int, max_len: int, dtype: torch.dtype, device=None,
+                 layer_devices: Optional[Sequence] = None):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model context max_seq_len={cfg.max_seq_len}")
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        layer_devices = layer_devices or [device] * cfg.num_layers
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
+        self.batch, self.max_len, self.dtype = batch, max_len, dtype
 
 
 class Attention(nn.Module):
@@ -93,6 +95,7 @@ class Attention(nn.Module):
         self.wv = Weight((D, cfg.kv_size), g["wv"], quantized, dtype, fp32_math=True)
         self.wo = Weight((cfg.q_size, D), g["wo"], quantized, dtype, fp32_math=True)
         self.cfg, self.dtype = cfg, dtype
+        self.query_chunk = 1024  # query rows per score block (bounds the attention workspace)
 
     def forward(self, x: torch.Tensor, pos_BT: torch.Tensor, mask_BTS: torch.Tensor,
                 cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
@@ -114,17 +117,25 @@ class Attention(nn.Module):
         if cache is not None:
             # the cache holds the activation dtype (bf16 in the release), so cached K/V are rounded
             rows = torch.arange(B, device=x.device)[:, None]
-            cache.k[layer][rows, pos_BT] = k.to(cache.k.dtype)
-            cache.v[layer][rows, pos_BT] = v.to(cache.v.dtype)
+            cache.k[layer][rows, pos_BT] = k.to(cache.dtype)
+            cache.v[layer][rows, pos_BT] = v.to(cache.dtype)
             S = mask_BTS.shape[-1]  # only the filled prefix of the cache takes part
             k, v = cache.k[layer][:, :S].float(), cache.v[layer][:, :S].float()
         # q head h uses kv head h // (Hq/Hkv): group consecutive q heads per kv head
         q = q.view(B, T, Hkv, Hq // Hkv, dh)
+        # queries a chunk at a time: the fp32 scores (and their capped / softmaxed copies) are
+        # [B, Hq, query_chunk, S], not [B, Hq, T, S] (12.9 GB each for one 8k sequence of Grok-1)
+        o = torch.cat([self._attend(q[:, t:t + self.query_chunk], k, v, mask_BTS[:, t:t + self.query_chunk])
+                       for t in range(0, T, self.query_chunk)], dim=1)
+        return o.reshape(B, T, Hq * dh) @ self.wo.dequant(f32)
+
+    def _attend(self, q, k, v, mask_BTS):
+        """softmax(cap(q.k * mult), masked) @ v for q [B, Tq, Hkv, G, dh]; fp32; -> [B, Tq, Hkv, G, dh]."""
+        cfg = self.cfg
         s = torch.einsum("btkgd,bskd->bkgts", q, k) * cfg.attn_output_multiplier
         s = cfg.attn_logit_cap * torch.tanh(s / cfg.attn_logit_cap)
         s = s.masked_fill(~mask_BTS[:, None, None], MASK_VALUE)
-        o = torch.einsum("bkgts,bskd->btkgd", torch.softmax(s, dim=-1), v).reshape(B, T, Hq * dh)
-        return o @ self.wo.dequant(f32)
+        return torch.einsum("bkgts,bskd->btkgd", torch.softmax(s, dim=-1), v)
 
 
 class DecoderLayer(nn.Module):
@@ -186,15 +197,36 @@ class Grok(nn.Module):
 
     # ---- construction ----
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16,
-                        device: Union[str, torch.device] = "cpu", config: Optional[GrokConfig] = None,
-                        impl: str = "auto") -> "Grok":
+    def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device, None] = None, config: Optional[GrokConfig] = None,
+                        impl: str = "auto", *, device_map=None, max_memory=None, devices=None,
+                        expert_parallel: Union[bool, str] = False, process_group=None,
+                        torch_dtype: Optional[torch.dtype] = None) -> "Grok":
         """Load a grok-convert output directory (config.json + safetensors) without a second copy.
 
-        The model is built on the meta device and the loaded tensors become its parameters.
-        ``config`` (optional) must match the checkpoint's config.json, else a ValueError names the fields.
+        The model is built on the meta device and each loaded tensor becomes its parameter on its
+        device. ``config`` (optional) must match the checkpoint's config.json, else a ValueError
+        names the fields. ``dtype`` (alias ``torch_dtype``): activation dtype, bf16 by default.
+
+        Where the weights go (one of):
+          ``device``: one device (default "cpu").
+          ``device_map``: several GPUs of this process (``grok_torch.parallel.placement``):
+            "experts" (each GPU a contiguous range of every layer's experts), "ffn" (each GPU a slice
+            of every expert's hidden dim), "auto" / "balanced" / "balanced_low_0" / "sequential"
+            (accelerate's planners, ``max_memory`` as in accelerate), or a {module: device} dict.
+            ``devices`` picks the devices for "experts" / "ffn" (default every visible GPU). The
+            memory planner (``grok-plan``) checks the fit first and fails before reading anything.
+          ``expert_parallel``: inside an initialised torch.distributed process group, this rank
+            holds the shared weights and its share of the experts (True or "experts") or of every
+            expert's hidden dim ("ffn"); see ``grok_torch.parallel.distributed``.
         """
-        return load_pretrained(cls, path, dtype=dtype, device=device, config=config, impl=impl)
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree (torch_dtype is an alias)")
+            dtype = torch_dtype
+        return load_pretrained(cls, path, dtype=dtype or torch.bfloat16, device=device, config=config, impl=impl,
+                               device_map=device_map, max_memory=max_memory, devices=devices,
+                               expert_parallel=expert_parallel, process_group=process_group)
 
     @property
     def impl(self) -> str:
@@ -210,8 +242,9 @@ class Grok(nn.Module):
             layer.moe.impl = value
 
     def new_cache(self, batch: int, max_len: Optional[int] = None) -> KVCache:
-        """A zeroed KV cache on the model's device (default length: the model context)."""
-        return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.dtype, self.embed.weight.device)
+        """A zeroed KV cache, each layer's K/V on that layer's device (default length: the model context)."""
+        return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.dtype, self.embed.weight.device,
+                       layer_devices=[layer.attn.wq.weight.device for layer in self.layers])
 
     # ---- forward ----
     def _check_tokens(self, tokens: torch.Tensor, cache: Optional[KVCache]) -> None:
@@ -227,8 +260,8 @@ class Grok(nn.Module):
         if cache is None and T > cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds the model context max_seq_len={cfg.max_seq_len}")
         if cache is not None:
-            if cache.k.shape[1] != tokens.shape[0]:
-                raise ValueError(f"cache batch {cache.k.shape[1]} != tokens batch {tokens.shape[0]}")
+            if cache.batch != tokens.shape[0]:
+                raise ValueError(f"cache batch {cache.batch} != tokens batch {tokens.shape[0]}")
             end = int(cache.pos.max()) + T
             if end > cache.max_len:
                 raise ValueError(f"cache overflow: positions up to {end} but the cache holds {cache.max_len}")

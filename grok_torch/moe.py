@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from grok_torch.config import GrokConfig
-from grok_torch.loading import Weight
+from grok_torch.weights import Weight
 
 __all__ = ["MoE", "Router"]
 

@@ -181,12 +181,11 @@ def _dict_placement(cfg: GrokConfig, given: Dict[str, torch.device], strict: boo
             raise ValueError(f"device_map does not place {name!r}: add it (or a parent module) to the map")
         return given[best]
 
-    known = {"embed", "norm", ""} | {f"layers.{i}" for i in range(cfg.num_layers)}
+    known = {name for name, _ in _meta_model(cfg, torch.float32).named_modules()}
     for k in given:
-        parts = k.split(".")
-        if k not in known and not (len(parts) >= 3 and parts[0] == "layers" and f"layers.{parts[1]}" in known):
+        if k not in known:
             raise ValueError(f"device_map key {k!r} is not a module of this model (keys look like 'embed', "
-                             f"'layers.3', 'layers.3.attn', 'layers.3.moe.shards.5' (expert 5), 'norm')")
+                             f"'layers', 'layers.3', 'layers.3.attn', 'layers.3.moe.shards.5' (expert 5), 'norm')")
     main = lookup("embed.weight")
     E, L = cfg.num_experts, cfg.num_layers
     homes, shard_devs = [], []

@@ -29,6 +29,7 @@ setup(
         "console_scripts": [
             "grok-convert=grok_torch.convert.cli:main",
             "grok-generate=grok_torch.generate_cli:main",
+            "grok-plan=grok_torch.plan:main",
         ]
     },
 )

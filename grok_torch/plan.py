@@ -26,11 +26,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from math import comb, prod
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from grok_torch.config import WEIGHT_FORMATS, GrokConfig
 
-__all__ = ["SPLITS", "PlanError", "MemoryPlan", "parse_bytes", "placement", "split_error",
+__all__ = ["SPLITS", "PlanError", "MemoryPlan", "Placed", "parse_bytes", "placement", "split_error",
            "weight_bytes_per_device", "plan_memory", "check_fits", "main"]
 
 SPLITS = ("experts", "ffn")
@@ -75,15 +75,26 @@ def split_error(config: GrokConfig, gpus: int, split: str, weight_format: Option
     why = (f"split 'experts' needs a GPU count that divides the {E} experts" if split == "experts" else
            f"split 'ffn' needs a GPU count that divides ffn_size {F}" + (f" and w2's {G} int8 scale groups" if G > 1 else ""))
     other = SPLITS[split == "experts"]
-    alt = f"use split '{other}' (--device-map {other})" if ok[other](gpus) else \
-        f"use {', '.join(str(m) for m in range(1, 65) if ok[split](m))} GPUs"
+    counts = "; ".join(f"{s}: {', '.join(str(m) for m in range(1, 65) if ok[s](m))}" for s in SPLITS)
+    alt = f"use split '{other}' (--device-map {other})" if ok[other](gpus) else f"GPU counts that work (up to 64): {counts}"
     return f"{why}, got {gpus}: {alt}"
 
 
+class Placed(NamedTuple):
+    """One parameter, or one GPU's slice of it: ``full[index]`` (index ``()``: all of it) has ``shape``."""
+
+    name: str
+    gpu: int
+    shape: Tuple[int, ...]
+    itemsize: int
+    index: Tuple[slice, ...] = ()
+
+
 def placement(config: GrokConfig, gpus: int, split: str = "experts", weight_format: Optional[str] = None,
-              act_dtype: str = "bf16") -> List[Tuple[str, int, Tuple[int, ...], int]]:
-    """Every parameter as ``(state_dict name, gpu, local shape, bytes per element)``; an expert
-    tensor appears once per GPU with that GPU's slice. The one description of where weights go."""
+              act_dtype: str = "bf16") -> List[Placed]:
+    """Every parameter (state_dict names) with its GPU, local shape, bytes per element and the
+    slice of the checkpoint tensor it holds; an expert tensor appears once per GPU. The one
+    description of where weights go: the planner counts it, the loader can follow it."""
     c, fmt, n = config, weight_format or config.weight_format, gpus
     err = split_error(c, n, split, fmt)
     if err:
@@ -91,25 +102,32 @@ def placement(config: GrokConfig, gpus: int, split: str = "experts", weight_form
     q, a = fmt == "int8", ACT_BYTES[act_dtype]
     attn_b, exp_b = (1, 1) if q else (max(FORMAT_BYTES[fmt], a), a)
     D, F, E, L, G = c.d_model, c.ffn_size, c.num_experts, c.num_layers, c.quant_groups
-    out = [("embed.weight", 0, (c.vocab_size, D), 4), ("norm.weight", 0, (D,), 4)]
+    out = [Placed("embed.weight", 0, (c.vocab_size, D), 4), Placed("norm.weight", 0, (D,), 4)]
 
-    def mat(name, gpu, shape, groups, itemsize):
-        out.append((name + ".weight", gpu, shape, itemsize))
+    def mat(name, gpu, shape, groups, itemsize, index=(), scale_index=None):
+        out.append(Placed(name + ".weight", gpu, shape, itemsize, index))
         if q:  # scales [*lead, G, out], bf16
-            out.append((name + ".scales", gpu, (*shape[:-2], groups, shape[-1]), 2))
+            out.append(Placed(name + ".scales", gpu, (*shape[:-2], groups, shape[-1]), 2,
+                              index if scale_index is None else scale_index))
 
-    e_loc, f_loc = (E // n, F) if split == "experts" else (E, F // n)
+    (e_loc, f_loc), all_ = (E // n, F) if split == "experts" else (E, F // n), slice(None)
+    g2 = G["w2"] // n if split == "ffn" and q else G["w2"]  # w2's scale groups per GPU
     for i in range(L):
         home, p = i * n // L, f"layers.{i}."
         for norm in ("attn_norm", "attn_post_norm", "moe_norm", "moe_post_norm"):
-            out.append((p + norm + ".weight", home, (D,), 4))
+            out.append(Placed(p + norm + ".weight", home, (D,), 4))
         for w, shape in (("wq", (D, c.q_size)), ("wk", (D, c.kv_size)), ("wv", (D, c.kv_size)), ("wo", (c.q_size, D))):
             mat(p + "attn." + w, home, shape, G[w], attn_b)
-        out.append((p + "moe.router.weight", home, (D, E), 4))
+        out.append(Placed(p + "moe.router.weight", home, (D, E), 4))
         for j in range(n):
-            mat(p + "moe.w1", j, (e_loc, D, f_loc), G["w1"], exp_b)
-            mat(p + "moe.w3", j, (e_loc, D, f_loc), G["w3"], exp_b)
-            mat(p + "moe.w2", j, (e_loc, f_loc, D), G["w2"] // (n if split == "ffn" else 1), exp_b)
+            if split == "experts":
+                up = down = down_s = (slice(j * e_loc, (j + 1) * e_loc),)
+            else:
+                f = slice(j * f_loc, (j + 1) * f_loc)
+                up, down, down_s = (all_, all_, f), (all_, f), (all_, slice(j * g2, (j + 1) * g2))
+            mat(p + "moe.w1", j, (e_loc, D, f_loc), G["w1"], exp_b, up)
+            mat(p + "moe.w3", j, (e_loc, D, f_loc), G["w3"], exp_b, up)
+            mat(p + "moe.w2", j, (e_loc, f_loc, D), g2, exp_b, down, down_s)
     return out
 
 
@@ -117,8 +135,8 @@ def weight_bytes_per_device(config: GrokConfig, n: int, split: str = "experts", 
                             act_dtype: str = "bf16") -> List[int]:
     """Exact parameter bytes on each of ``n`` GPUs (weights, scales, norms, routers, embedding)."""
     per = [0] * n
-    for _, gpu, shape, itemsize in placement(config, n, split, weight_format, act_dtype):
-        per[gpu] += prod(shape) * itemsize
+    for t in placement(config, n, split, weight_format, act_dtype):
+        per[t.gpu] += prod(t.shape) * t.itemsize
     return per
 
 
@@ -161,19 +179,20 @@ class MemoryPlan:
     def report(self) -> str:
         gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
         i, d0 = self.inputs, self.devices[0]["terms"]
-        lines = [f"{i['config']}: {i['weight_format']} weights, {i['act_dtype']} activations, {i['gpus']} GPUs x "
+        lines = [f"{i['config']}: {i['weight_format']} weights, {i['act_dtype']} activations, {i['gpus']} GPU{'s' * (i['gpus'] > 1)} x "
                  f"{gb(i['gpu_mem'][0])} GB, split {i['split']}, context {i['context']}, batch {i['batch']} (GB = 1e9 bytes)",
                  "", "GPU  layers  " + ("experts" if i["split"] == "experts" else "ffn cols   ")
                  + "  weights  KV cache  working  reserve    total  capacity"]
         for d in self.devices:
             lay = f"{d['layers'][0]}-{d['layers'][1] - 1}" if d["layers"] else "-"
-            part = "{}-{}".format(*d["experts"]) if i["split"] == "experts" else "{}-{}".format(*d["ffn"])
+            r = d["experts"] if i["split"] == "experts" else d["ffn"]
+            part = f"{r[0]}" if r[0] == r[1] else f"{r[0]}-{r[1]}"
             lines.append(f"{d['gpu']:>3}  {lay:>6}  {part:>{7 if i['split'] == 'experts' else 11}}"
                          + "".join(f"{gb(d[k]):>9}" for k in ("weights", "kv_cache", "working", "reserve", "total", "capacity")))
-        lines += ["", f"working memory at a {i['context']}-token prefill, batch {i['batch']}: activations + the largest "
+        lines += ["", f"working memory (GPU 0 shown) for a prefill of {i['context']} tokens x batch {i['batch']}: activations + the largest "
                   "phase the GPU runs (phases run one after another):",
                   f"  activations  {gb(d0['activations'])} GB  6 fp32 [B,T,D] (residual, sublayer temporaries) + 2 bool [B,T,S] masks",
-                  f"  attention    {gb(d0['attention'])} GB  largest weight dequantised to fp32 + q/k/v/o fp32 + "
+                  f"  attention    {gb(d0['attention'])} GB  largest weight dequantised to fp32 (unless held in fp32) + q/k/v/o fp32 + "
                   f"3 fp32 score tensors [B,Hq,{min(i['context'], ATTN_CHUNK)},S] (home GPUs)",
                   f"  MoE          {gb(d0['moe'])} GB  act [B*T*k, F_local] {i['act_dtype']} + y [B*T*k, D] fp32 + x, partial [B*T, D] fp32",
                   f"  head         {gb(d0['head'])} GB  logits [B,T,V] fp32 twice: x@E^T and its scaled copy (GPU 0)",
@@ -187,10 +206,11 @@ class MemoryPlan:
             b = self.decode_bytes[s]
             lines.append(f"  {s:<8} " + ("n/a: " + b["error"] if f is None else
                          f"{f * 1e3:6.2f} ms/step  (MoE {gb(b['moe'])} GB + attention/KV {gb(b['attention'])} GB "
-                         f"+ head {gb(b['head'])} GB)" + ("  <- faster" if len(valid) > 1 and f == min(valid.values()) else "")))
-        lines.append("  ffn: every GPU reads its slice of every chosen expert (all GPUs busy on every token) and the "
-                     "[B, D] partials are all-reduced per layer; experts: tokens go to their experts' GPUs, a GPU "
-                     "reads its whole expert, so at batch 1 one GPU does the layer's work: better at large batch / training.")
+                         f"+ head {gb(b['head'])} GB)" + ("  <- faster" if len(valid) > 1 and all(f < g for t, g in valid.items() if t != s) else "")))
+        lines += ["  ffn: every GPU reads its slice of every chosen expert, so all GPUs work on every token; costs an",
+                  "       all-reduce of the [B, D] partials per layer. Best at small batch (decode).",
+                  "  experts: tokens go to their experts' GPUs and a GPU reads whole experts, so at batch 1 one GPU",
+                  "       does each layer's expert work; converges to ffn as the batch grows; suits large batches / training."]
         return "\n".join(lines)
 
 
@@ -201,8 +221,8 @@ def _decode(c: GrokConfig, n: int, split: str, fmt: str, act_dtype: str, B: int,
     if err:
         return {"error": err}
     pl = placement(c, n, split, fmt, act_dtype)
-    layer0 = sum(prod(s) * b for name, _, s, b in pl if name.startswith("layers.0.") and ".moe.w" not in name)
-    expert = sum(prod(s) * b for name, g, s, b in pl if name.startswith("layers.0.moe.w") and g == 0) * n // c.num_experts
+    layer0 = sum(prod(t.shape) * t.itemsize for t in pl if t.name.startswith("layers.0.") and ".moe.w" not in t.name)
+    expert = sum(prod(t.shape) * t.itemsize for t in pl if t.name.startswith("layers.0.moe.w") and t.gpu == 0) * n // c.num_experts
     k, E = c.num_experts_per_tok, c.num_experts
     chosen = _busiest(E, k, B, n) if split == "experts" else _touched(E, k, B) / n
     kv = 2 * B * S * c.kv_size * ACT_BYTES[act_dtype]
@@ -218,7 +238,7 @@ def plan_memory(config: GrokConfig, *, gpus: int, gpu_mem: Union[Bytes, Sequence
     ``gpus`` GPUs of ``gpu_mem`` each (one size, or one per GPU). ValueError on arguments that
     cannot be planned (a split that does not divide, a context beyond the model's)."""
     c, n, B = config, gpus, batch
-    fmt, S = weight_format or c.weight_format, context or c.max_seq_len
+    fmt, S = weight_format or c.weight_format, c.max_seq_len if context is None else context
     if fmt not in WEIGHT_FORMATS or act_dtype not in ACT_BYTES:
         raise ValueError(f"weight format must be one of {WEIGHT_FORMATS} and activations one of {tuple(ACT_BYTES)}")
     if not 1 <= S <= c.max_seq_len or B < 1 or gpu_bw <= 0:
@@ -234,12 +254,14 @@ def plan_memory(config: GrokConfig, *, gpus: int, gpu_mem: Union[Bytes, Sequence
     D, F, E, L, k, V = c.d_model, c.ffn_size, c.num_experts, c.num_layers, c.num_experts_per_tok, c.vocab_size
     weights = weight_bytes_per_device(c, n, split, fmt, act_dtype)
     f_loc = F if split == "experts" else F // n
+    # attention dequantises one matrix at a time to fp32 (a no-op when it is held in fp32)
+    dequant = 0 if fmt != "int8" and max(FORMAT_BYTES[fmt], a) == 4 else max(D * c.q_size, D * c.kv_size) * 4
     devices = []
     for j in range(n):
         layers = [i for i in range(L) if i * n // L == j]
         terms = {
             "activations": (6 * B * T * D * 4 + 2 * B * T * S) if (layers or j == 0) else 0,
-            "attention": (max(D * c.q_size, D * c.kv_size) * 4 + B * (2 * T * c.q_size + 2 * S * c.kv_size) * 4
+            "attention": (dequant + B * (2 * T * c.q_size + 2 * S * c.kv_size) * 4
                           + 3 * B * c.num_q_heads * min(T, ATTN_CHUNK) * S * 4) if layers else 0,
             "moe": B * T * k * (f_loc * a + D * 4) + 2 * B * T * D * 4,
             "head": 2 * B * T * V * 4 if j == 0 else 0,
@@ -273,9 +295,7 @@ def plan_memory(config: GrokConfig, *, gpus: int, gpu_mem: Union[Bytes, Sequence
 def _suggest(c: GrokConfig, inputs: dict) -> List[str]:
     """What would fit, each found by planning it: GPU counts, int8, fp32 -> bf16 activations,
     the longest context, the largest batch (binary searches: memory grows with both)."""
-    base = {k: v for k, v in inputs.items() if k != "config"}
-    base["weight_format"], out = inputs["weight_format"], []
-    mem = inputs["gpu_mem"][0]
+    base, out, mem = {k: v for k, v in inputs.items() if k != "config"}, [], inputs["gpu_mem"][0]
 
     def fits(**kw) -> bool:
         args = {**base, **kw}
@@ -292,10 +312,13 @@ def _suggest(c: GrokConfig, inputs: dict) -> List[str]:
         m = fewest(split=s)
         if m is not None:
             out.append(f"{m} GPUs with split '{s}' (--gpus {m} --device-map {s})")
-    if inputs["weight_format"] != "int8":
-        m = fewest(split=inputs["split"], weight_format="int8") or fewest(split=SPLITS[inputs["split"] == "experts"], weight_format="int8")
-        if m is not None:
-            out.append(f"int8 weights on {m} GPUs (--dtype int8; an int8 checkpoint: grok-convert --dtype int8)")
+    if inputs["weight_format"] != "int8":  # the current split first
+        for s in sorted(SPLITS, key=lambda s: s != inputs["split"]):
+            m = fewest(split=s, weight_format="int8")
+            if m is not None:
+                out.append(f"int8 weights on {m} GPUs with split '{s}' (--dtype int8 --gpus {m} --device-map {s}; "
+                           "an int8 checkpoint: grok-convert --dtype int8)")
+                break
     if inputs["act_dtype"] == "fp32" and fits(act_dtype="bf16"):
         out.append("bf16 activations (--act-dtype bf16)")
     for key, flag in (("context", "--context"), ("batch", "--batch")):
@@ -351,11 +374,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = GrokConfig.from_json(a.model) if a.model else GrokConfig.load(a.config)
     except (OSError, ValueError, KeyError) as e:
-        p.error(f"{'--model' if a.model else '--config'}: {e}")
-    for flag, v in (("--gpus", a.gpus), ("--batch", a.batch), ("--context", a.context or 1)):
+        msg = str(e)
+        p.error(msg if msg.startswith("--") else f"{'--model' if a.model else '--config'}: {msg}")
+    for flag, v in (("--gpus", a.gpus), ("--batch", a.batch), ("--context", 1 if a.context is None else a.context)):
         if v < 1:
             p.error(f"{flag} must be at least 1, got {v}")
-    if a.context and a.context > cfg.max_seq_len:
+    if a.context is not None and a.context > cfg.max_seq_len:
         p.error(f"--context {a.context} exceeds the model's max_seq_len {cfg.max_seq_len}")
     if a.gpu_bw <= 0:
         p.error(f"--gpu-bw must be positive, got {a.gpu_bw}")

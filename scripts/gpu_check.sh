@@ -8,7 +8,8 @@
 #     device run, carry [".gpu"], command "bash scripts/gpu_check.sh"
 #
 # Runs: the GPU-only tests (bf16 kernels vs the reference, the released int8/bf16 model on the
-# Triton kernels vs the official fixture), then bench_moe.py and bench_generate.py. Paste
+# Triton kernels vs the official fixture, the device_map splits on every visible GPU), then
+# bench_moe.py, bench_generate.py and bench_parallel.py (decode ms/token per split on the GPUs). Paste
 # $OUT/bench_moe.md (dated, with the device, commit, table and the issue-#4 target verdicts) and the
 # bench_generate figures into BENCHMARKS.md.
 set -uo pipefail
@@ -26,8 +27,10 @@ for pkg in kernels convert; do [ -e "grok_torch/$pkg" ] || ln -s "../$pkg" "grok
   2>&1 | tee "$out/machine.txt"
 
 status=0
-python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_triton.py tests/test_model_parity.py -k gpu 2>&1 \
+python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_triton.py tests/test_model_parity.py \
+  tests/test_parallel.py -k gpu 2>&1 \
   | tee "$out/gpu_tests.log" || status=1
 python3 benchmarks/bench_moe.py --csv "$out/bench_moe.csv" --md "$out/bench_moe.md" 2>&1 | tee "$out/bench_moe.log" || status=1
 python3 benchmarks/bench_generate.py 2>&1 | tee "$out/bench_generate.log" || status=1
+python3 benchmarks/bench_parallel.py --md "$out/bench_parallel.md" 2>&1 | tee "$out/bench_parallel.log" || status=1
 exit $status

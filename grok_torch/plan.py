@@ -192,7 +192,7 @@ class MemoryPlan:
         lines += ["", f"working memory (GPU 0 shown) for a prefill of {i['context']} tokens x batch {i['batch']}: activations + the largest "
                   "phase the GPU runs (phases run one after another):",
                   f"  activations  {gb(d0['activations'])} GB  6 fp32 [B,T,D] (residual, sublayer temporaries) + 2 bool [B,T,S] masks",
-                  f"  attention    {gb(d0['attention'])} GB  largest weight dequantised to fp32 (unless held in fp32) + q/k/v/o fp32 + "
+                  f"  attention    {gb(d0['attention'])} GB  largest weight dequantised to fp32 (unless held in fp32) + fp32 q, k, v, o (chunks + cat) + "
                   f"3 fp32 score tensors [B,Hq,{min(i['context'], ATTN_CHUNK)},S] (home GPUs)",
                   f"  MoE          {gb(d0['moe'])} GB  act [B*T*k, F_local] {i['act_dtype']} + y [B*T*k, D] fp32 + x, partial [B*T, D] fp32",
                   f"  head         {gb(d0['head'])} GB  logits [B,T,V] fp32 twice: x@E^T and its scaled copy (GPU 0)",
@@ -261,7 +261,7 @@ def plan_memory(config: GrokConfig, *, gpus: int, gpu_mem: Union[Bytes, Sequence
         layers = [i for i in range(L) if i * n // L == j]
         terms = {
             "activations": (6 * B * T * D * 4 + 2 * B * T * S) if (layers or j == 0) else 0,
-            "attention": (dequant + B * (2 * T * c.q_size + 2 * S * c.kv_size) * 4
+            "attention": (dequant + B * (3 * T * c.q_size + 2 * S * c.kv_size) * 4
                           + 3 * B * c.num_q_heads * min(T, ATTN_CHUNK) * S * 4) if layers else 0,
             "moe": B * T * k * (f_loc * a + D * 4) + 2 * B * T * D * 4,
             "head": 2 * B * T * V * 4 if j == 0 else 0,

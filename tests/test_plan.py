@@ -135,7 +135,7 @@ def test_kv_cache_and_working_terms_by_hand():
     t0 = p.devices[0]["terms"]
     assert t0["head"] == 2 * (2 * 4096 * 131072) * 4    # two fp32 [B, T, V] logits
     assert t0["moe"] == 2 * 4096 * 2 * (32768 * 2 + 6144 * 4) + 2 * (2 * 4096 * 6144) * 4
-    assert t0["attention"] == (6144 * 6144 * 4 + 2 * (2 * 4096 * 6144 + 2 * 4096 * 1024) * 4
+    assert t0["attention"] == (6144 * 6144 * 4 + 2 * (3 * 4096 * 6144 + 2 * 4096 * 1024) * 4  # q, o twice, k, v
                                + 3 * 2 * 48 * 1024 * 4096 * 4)
     # an fp32-held attention matrix is used as it is: no dequantised copy
     t32 = plan(weight_format="fp32", batch=2, context=4096).devices[0]["terms"]

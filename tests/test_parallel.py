@@ -234,3 +234,19 @@ def test_device_map_on_every_visible_gpu(fixture, split):
     mean = (logits - one).abs()[valid].mean()
     top1 = (logits.argmax(-1) == one.argmax(-1))[valid].float().mean()
     assert mean < 0.05 and top1 > 0.95, f"mean {mean:.3g} top1 {top1:.3f}"
+
+
+def test_from_pretrained_checks_the_fit_first():
+    """The planner's check that from_pretrained runs before reading anything: int8 Grok-1 fits 8
+    GPUs of 80 GB with split "experts" and does not fit 4 (the error carries the planner's report)."""
+    from grok_torch.parallel.placement import check_placement_fits
+
+    cfg = GrokConfig.from_name("grok-1")
+    for n, fits in ((8, True), (4, False)):
+        placement = plan_placement(cfg, "experts", devices=GPUS[:n])
+        mem = {i: "80GB" for i in range(n)}
+        if fits:
+            check_placement_fits(cfg, placement, BF16, mem)
+        else:
+            with pytest.raises(ValueError, match="DOES NOT FIT(.|\n)*would fit: 8 GPUs"):
+                check_placement_fits(cfg, placement, BF16, mem)

@@ -5,26 +5,16 @@ experts per holder, or a slice of F per holder), summed, gives ``fused_moe``'s o
 Both implementations: the reference (any dtype) and Triton (under the interpreter on the CPU: fp32
 only, small shapes). Forward bits and gradients.
 """
-import math
-
 import pytest
 import torch
 
 from grok_torch.kernels import fused_moe, moe_experts, moe_router
 from grok_torch.kernels.ops import local_routing, moe_align
+from test_kernels_triton import _make_inputs  # same random activations / int8 weights + scales
 
 
-def _inputs(T, D, F, E, wdtype, seed=0, G=(1, 1, 8)):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, D, generator=g)
-    router_w = torch.randn(D, E, generator=g) / math.sqrt(D)
-    shapes = [(E, D, F), (E, D, F), (E, F, D)]
-    if wdtype == torch.int8:
-        ws = [torch.randint(-127, 128, s, generator=g, dtype=torch.int8) for s in shapes]
-        scales = tuple((torch.rand(s[0], G_, s[2], generator=g) + 0.5).div(127 * math.sqrt(s[1])).bfloat16()
-                       for s, G_ in zip(shapes, G))
-        return x, router_w, ws, scales
-    return x, router_w, [(torch.randn(s, generator=g) / math.sqrt(s[1])).to(wdtype) for s in shapes], None
+def _inputs(T, D, F, E, wdtype, seed=0):
+    return _make_inputs(T, D, F, E, wdtype, seed)
 
 
 def expert_split(ws, scales, parts):

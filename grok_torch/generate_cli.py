@@ -7,6 +7,10 @@
     # the real model (tokenizer.model in the model directory, or --tokenizer PATH)
     grok-generate --model /data/grok-1-int8 --prompt "The answer to life" --max-new-tokens 100
 
+    # one process, several GPUs (device_map=); or one process per GPU (expert parallelism)
+    grok-generate --model /data/grok-1-int8 --device-map experts --prompt "The answer to life"
+    torchrun --nproc_per_node 8 $(which grok-generate) --model /data/grok-1-int8 --prompt "The answer to life"
+
 Also ``python -m grok_torch.generate_cli ...``.
 """
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, TextIO
 
 __all__ = ["main"]
 
@@ -44,23 +48,113 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stop", action="store_true", help="do not stop at EOS (the official runner's behaviour)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                    help="activation dtype: bf16 as released (default) or the exact fp32 path")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default cpu)")
+    p.add_argument("--device", help="torch device, e.g. cuda:0 (default cpu); under torchrun: cpu or cuda "
+                   "(each rank takes cuda:LOCAL_RANK; default cuda when there is a GPU)")
+    p.add_argument("--device-map", choices=("experts", "ffn", "auto"),
+                   help="one process: spread the model over every visible GPU (experts: a range of experts per "
+                   "GPU; ffn: a slice of every expert's hidden dim; auto: accelerate's planner). Under torchrun / "
+                   "accelerate launch (WORLD_SIZE > 1): how the ranks split the experts, experts (default) or ffn")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+                   help="under torchrun: seconds a collective waits for the other ranks before failing (default 300)")
     p.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto",
                    help="MoE kernels: triton on CUDA / the PyTorch reference elsewhere (auto, default), or forced")
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _main_distributed(args)
     try:
         return _run(args)
     except (ValueError, TypeError, OSError) as e:  # OSError: FileNotFoundError, NotADirectoryError, ...
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"grok-generate: {msg}", file=sys.stderr)
+        print(f"grok-generate: {_one_line(e)}", file=sys.stderr)
         return 2
 
 
-def _run(args) -> int:
+def _main_distributed(args) -> int:
+    """One rank of a torchrun / accelerate launch job: every rank loads its share and runs the same
+    generation; rank 0 prints. Any error ends this rank with one line naming it; the others fail at
+    their next collective (a peer that closed its connection, or the --dist-timeout)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from grok_torch.parallel.distributed import CollectiveError
+
+    rank = int(os.environ.get("RANK", "0"))
+    rc = 0
+    try:
+        if args.device_map == "auto":
+            raise ValueError("--device-map auto spreads the model over the GPUs of one process; under torchrun "
+                             "each rank holds a share of the experts: use --device-map experts (default) or ffn")
+        if not args.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+        kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"--device {kind}: under torchrun pass cpu or cuda (each rank uses cuda:LOCAL_RANK)")
+        device = "cpu"
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: CUDA is not available on this machine")
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+        out = sys.stdout if rank == 0 else open(os.devnull, "w")
+        try:
+            return _run(args, out=out, device=device, expert_parallel=args.device_map or "experts", rank=rank)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+    except CollectiveError as e:
+        print(f"grok-generate: {_one_line(e)}", file=sys.stderr)  # names the rank already
+        rc = 1
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # RuntimeError: rendezvous, backend errors
+        print(f"grok-generate: rank {rank}: {_one_line(e)}", file=sys.stderr)
+        rc = 2 if not isinstance(e, RuntimeError) else 1
+    finally:
+        # always for gloo (a group left to the interpreter's exit can abort the process); not for
+        # NCCL after a failed collective, where tearing down may wait on the failed communicator
+        if dist.is_initialized() and (rc != 1 or "nccl" not in str(dist.get_backend())):
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - ending anyway; the error is already printed
+                pass
+    return rc
+
+
+def _agree(failure: Optional[BaseException], what: str, rank: int) -> None:
+    """Every rank says whether it got through ``what``: a rank that failed raises its error, the others
+    a ValueError naming the ranks that failed (instead of waiting for them in a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    from grok_torch.parallel.distributed import CollectiveError
+
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int32)
+    if "nccl" in str(dist.get_backend()):
+        flag = flag.cuda()
+    flags = [torch.zeros_like(flag) for _ in range(dist.get_world_size())]
+    try:
+        dist.all_gather(flags, flag)
+    except RuntimeError as e:
+        raise CollectiveError(f"rank {rank}: telling the other ranks how {what} went failed ({_one_line(e)}); "
+                              "a peer process failed or timed out, see its error") from None
+    if failure is not None:
+        raise failure
+    failed = [r for r, f in enumerate(flags) if int(f)]
+    if failed:
+        raise ValueError(f"rank(s) {', '.join(map(str, failed))} failed while {what} (see their error)")
+
+
+def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel=False, rank: Optional[int] = None
+         ) -> int:
     import torch
 
     from grok_torch.generate import stream
@@ -68,18 +162,33 @@ def _run(args) -> int:
     from grok_torch.sampling import SampleSettings
     from grok_torch.tokenizer import StreamDecoder, Tokenizer
 
-    if os.path.exists(args.model) and not os.path.isdir(args.model):
-        raise ValueError(f"--model {args.model} is not a directory (pass the directory written by grok-convert)")
-    SampleSettings(args.temperature, args.top_p, args.top_k)  # bad settings fail before the model loads
-    tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
-    tokenizer = Tokenizer(tok_path) if (args.tokenizer or os.path.exists(tok_path)) else None
-    if args.prompt is not None and tokenizer is None:
-        print(f"grok-generate: --prompt needs a tokenizer; none at {tok_path} (pass --tokenizer or use --prompt-ids)",
-              file=sys.stderr)
-        return 2
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = Grok.from_pretrained(args.model, dtype=dtype, device=args.device, impl=args.impl)
-    prompt = tokenizer.encode(args.prompt) if args.prompt is not None else args.prompt_ids
+    out = out or sys.stdout
+    failure = None
+    try:
+        if os.path.exists(args.model) and not os.path.isdir(args.model):
+            raise ValueError(f"--model {args.model} is not a directory (pass the directory written by grok-convert)")
+        SampleSettings(args.temperature, args.top_p, args.top_k)  # bad settings fail before the model loads
+        tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
+        tokenizer = Tokenizer(tok_path) if (args.tokenizer or os.path.exists(tok_path)) else None
+        if args.prompt is not None and tokenizer is None:
+            raise ValueError(f"--prompt needs a tokenizer; none at {tok_path} (pass --tokenizer or use --prompt-ids)")
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        if expert_parallel:
+            model = Grok.from_pretrained(args.model, dtype=dtype, device=device, impl=args.impl,
+                                         expert_parallel=expert_parallel)
+        elif args.device_map is not None:
+            if args.device is not None:
+                raise ValueError("pass --device (one device) or --device-map (several GPUs), not both")
+            model = Grok.from_pretrained(args.model, dtype=dtype, device_map=args.device_map, impl=args.impl)
+        else:
+            model = Grok.from_pretrained(args.model, dtype=dtype, device=args.device or "cpu", impl=args.impl)
+        prompt = tokenizer.encode(args.prompt) if args.prompt is not None else args.prompt_ids
+    except (ValueError, TypeError, OSError) as e:
+        if rank is None:
+            raise
+        failure = e
+    if rank is not None:
+        _agree(failure, "loading", rank)
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
     steps = stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, stop_at_eos=not args.no_stop)
@@ -90,14 +199,14 @@ def _run(args) -> int:
             break
         if decoder is not None:
             if t != model.config.eos_token_id:
-                sys.stdout.write(decoder.push(t))
+                out.write(decoder.push(t))
         else:
-            sys.stdout.write(("" if first else ",") + str(t))
+            out.write(("" if first else ",") + str(t))
         first = False
-        sys.stdout.flush()
+        out.flush()
     if decoder is not None:
-        sys.stdout.write(decoder.flush())  # bytes of a character cut off by the end of generation
-    sys.stdout.write("\n")
+        out.write(decoder.flush())  # bytes of a character cut off by the end of generation
+    out.write("\n")
     return 0
 
 

@@ -142,3 +142,37 @@ def test_loading_errors_name_the_file(converted, tmp_path):
         Grok.from_pretrained(d / "config.json")
     with pytest.raises(ValueError, match="invalid device"):
         Grok.from_pretrained(converted("int8"), device="foo")
+
+
+# ---- several devices: --device-map (one process) and torchrun (tests/test_distributed.py) ------
+
+def test_device_map_auto_prints_what_one_device_prints(converted, capsys):
+    """One process: --device-map is from_pretrained's device_map (on a CPU-only machine "auto" puts
+    everything on the CPU, through accelerate's planner and hooks)."""
+    argv = ["--model", str(converted("int8")), "--prompt-ids", "25,376,378", "--max-new-tokens", "5",
+            "--temperature", "0.7"]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    assert main(argv + ["--device-map", "auto"]) == 0
+    assert capsys.readouterr().out == want
+
+
+def test_device_map_errors(converted, capsys):
+    m = converted("int8")
+    _fails(capsys, _ids(m, "--device", "cpu", "--device-map", "ffn"), "--device", "--device-map", "not both")
+    if not torch.cuda.is_available():
+        _fails(capsys, _ids(m, "--device-map", "experts"), "none is visible")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--device-map", "auto"], "--device-map auto spreads the model over the GPUs of one process"),
+    (["--dist-timeout", "0"], "--dist-timeout must be > 0"),
+    (["--device", "cuda:1"], "under torchrun pass cpu or cuda"),
+])
+def test_torchrun_refusals_before_the_process_group(converted, capsys, monkeypatch, extra, needle):
+    """Under torchrun (WORLD_SIZE > 1) options that cannot work fail on every rank before any rank
+    waits for another, one line naming the rank."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    line = _fails(capsys, _ids(converted("int8"), *extra), needle)
+    assert line.startswith("grok-generate: rank 1: ")

@@ -1,0 +1,300 @@
+"""Expert parallelism across processes and nodes on torch.distributed (torchrun / accelerate launch).
+
+    torchrun --nproc_per_node N $(which grok-generate) --model DIR ... [--device-map experts|ffn]
+
+    import torch.distributed as dist
+    dist.init_process_group(timeout=datetime.timedelta(seconds=300))   # nccl on GPUs, gloo on CPUs
+    model = Grok.from_pretrained(DIR, expert_parallel=True)            # or "ffn"
+
+Every rank holds the shared weights (embedding, attention, norms, routers) and its share of every
+layer's experts, and reads only those bytes from the safetensors shards. ``prepare_expert_parallel``
+(called by ``load_pretrained`` on the meta model) swaps each layer's ``MoE`` for an
+``ExpertParallelMoE`` whose one ``ExpertShard`` holds this rank's ``ShardSpec``. Every rank runs the
+whole model on the SAME tokens (attention is replicated); only the MoE blocks exchange data:
+
+    x_TD (identical on every rank) -> moe_router (identical routing on every rank)
+    split "experts" (rank r holds experts [r*E/W, (r+1)*E/W)), exchange "all_to_all" (default):
+        rank r takes tokens [r*ceil(T/W), (r+1)*ceil(T/W)) (none at all for some ranks when T < W)
+        -> one row per (token, slot), sorted by the rank holding its expert
+        -> all_to_all_single of the W row counts, counts to the host (THE ONE SYNC PER LAYER)
+        -> all_to_all_single of [x | gate | expert id] rows (fp32, uneven splits)
+        -> each rank: moe_experts on the rows it received (k = 1 per row) -> fp32 gate * expert(x)
+        -> all_to_all_single back (the reversed splits) -> the owner sums each token's k rows
+           in slot order -> all_gather of the W token shares -> [T, D]
+    split "experts", exchange "all_reduce" / split "ffn" (rank r holds F columns [r*F/W, (r+1)*F/W)
+    of every expert):
+        moe_experts over all T tokens with this rank's weights -> fp32 partial [T, D]
+        -> sum of the W partials -> [T, D]
+    -> one cast to the activation dtype
+
+Exactness. The "experts" split gives the single-process logits bit for bit on the reference path
+(impl="torch", at equal CPU thread counts: CPU GEMMs block their sums by thread count): the receiver computes each expert over the same rows, in the same order, as one
+device does, and the owner adds a token's k terms in slot order, as one device does. The sum of
+partials is "ordered" by default (``deterministic=True``): an all_to_all_single of 1/W of every
+partial, a sum over ranks in rank order, an all_gather (the bytes of a ring all-reduce), so "ffn"
+equals the in-process ``device_map="ffn"`` model bit for bit, whatever the backend's reduction
+algorithm, and every rank holds the same bits. ``deterministic=False`` uses ``all_reduce`` (one
+collective; the summation order is the backend's). On GPUs the Triton kernels choose tiles by rows
+per call, so bit equality with one GPU is not promised there (SPEC §8's bounds are).
+
+Host synchronisation. The all_to_all needs its split sizes on the host: one device-to-host copy
+per layer (64 per decoded token for Grok-1), which stops the host from queueing the next layer's
+kernels before this one finishes and rules out capturing the decode step in a CUDA graph (the
+``ShardedMoE`` / kernel contract: no host reads). ``set_exchange(model, "all_reduce")`` makes the
+"experts" split sync-free (every rank computes its experts' slots of all tokens, the partials are
+summed: same bits at top-2, same compute, 2(W-1)/W of [T, D] fp32 on the wire per rank instead
+of about (2k(W-1)/W^2 + (W-1)/W) of it, one or two collectives instead of four). "ffn" never syncs.
+
+Faults. Collective failures (a peer that died, a timeout) become ``CollectiveError`` naming this
+rank, the layer and the exchange. Set a timeout on the process group (``init_process_group(...,
+timeout=...)``; grok-generate: ``--dist-timeout``) or a rank whose peer hangs waits for the default
+(10 min for NCCL / 30 min for gloo). Inference only: gradients do not flow through the exchanges.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from grok_torch.config import GrokConfig
+from grok_torch.moe import MoE, Router
+from grok_torch.parallel.sharded_moe import SPLITS, ExpertShard, ShardSpec, shard_specs
+
+__all__ = ["prepare_expert_parallel", "ExpertParallelMoE", "CollectiveError", "EXCHANGES", "set_exchange",
+           "rank_bytes", "default_device"]
+
+EXCHANGES = ("all_to_all", "all_reduce")
+
+
+class CollectiveError(RuntimeError):
+    """A collective of expert parallelism failed on this rank (a peer died or timed out)."""
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _backend(process_group) -> str:
+    return str(_dist().get_backend(process_group)).lower()
+
+
+def default_device(process_group=None) -> torch.device:
+    """``cuda:LOCAL_RANK`` when the group's backend is NCCL, else ``cpu`` (gloo)."""
+    if "nccl" in _backend(process_group):
+        n = torch.cuda.device_count()
+        local = int(os.environ.get("LOCAL_RANK", _dist().get_rank() % max(n, 1)))
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _rank_device(device, process_group) -> torch.device:
+    from grok_torch.loading import _check_device
+
+    device = _check_device(default_device(process_group) if device is None else device)
+    backend = _backend(process_group)
+    if device.type == "cuda" and "nccl" not in backend:
+        raise ValueError(f"expert_parallel: device {device} with a {backend!r} process group: initialise the "
+                         "group with backend='nccl' to exchange CUDA tensors (gloo is for CPUs)")
+    if device.type != "cuda" and "gloo" not in backend:
+        raise ValueError(f"expert_parallel: device {device} with a {backend!r} process group: NCCL exchanges "
+                         "CUDA tensors only; initialise the group with backend='gloo' on CPUs")
+    return device
+
+
+def prepare_expert_parallel(model: nn.Module, split: str = "experts", *, device=None,
+                            process_group=None) -> Dict[str, torch.device]:
+    """Give this rank its share of every MoE block of ``model`` (a Grok on the meta device).
+
+    Replaces each layer's ``MoE`` by an ``ExpertParallelMoE`` holding the router and this rank's
+    ``ExpertShard`` (parameters ``layers.{i}.moe.shards.0.w1.weight`` ..., which the loader reads as
+    slices of the checkpoint tensors). Returns {parameter name: device}: everything on ``device``
+    (default: ``cuda:LOCAL_RANK`` with NCCL, ``cpu`` with gloo).
+    """
+    dist = _dist()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("expert_parallel needs an initialised torch.distributed process group: launch with "
+                         "torchrun (or accelerate launch) and call torch.distributed.init_process_group("
+                         "timeout=...) before from_pretrained (grok-generate does this itself)")
+    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    if rank < 0:
+        raise ValueError("expert_parallel: this process is not a member of process_group")
+    if split not in SPLITS:
+        raise ValueError(f"expert_parallel must be True, 'experts' or 'ffn', got {split!r}")
+    cfg: GrokConfig = model.config
+    try:
+        specs = shard_specs(cfg, split, world)
+    except ValueError as e:
+        raise ValueError(f"expert_parallel: world size {world}: {e}") from None
+    device = _rank_device(device, process_group)
+    quantized = cfg.weight_format == "int8"
+    for i, layer in enumerate(model.layers):
+        if not isinstance(layer.moe, MoE):
+            raise ValueError("expert_parallel: the model's MoE blocks are already sharded")
+        impl = layer.moe.impl
+        with torch.device("meta"):
+            layer.moe = ExpertParallelMoE(cfg, model.dtype, quantized, specs[rank], split=split, rank=rank,
+                                          world=world, process_group=process_group, layer=i)
+        layer.moe.impl = impl
+    return {name: device for name, _ in model.named_parameters()}
+
+
+def set_exchange(model: nn.Module, exchange: str, deterministic: Optional[bool] = None) -> None:
+    """Choose how every expert-parallel MoE block of ``model`` exchanges data (see the module docstring):
+    ``exchange`` "all_to_all" | "all_reduce" ("experts" split only; "ffn" always sums partials),
+    ``deterministic`` the ordered sum (True) or the backend's all_reduce (False)."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    blocks = [layer.moe for layer in model.layers if isinstance(layer.moe, ExpertParallelMoE)]
+    if not blocks:
+        raise ValueError("the model is not expert-parallel (load it with expert_parallel=...)")
+    for moe in blocks:
+        moe.exchange = exchange
+        if deterministic is not None:
+            moe.deterministic = deterministic
+
+
+def rank_bytes(model: nn.Module) -> Dict[str, int]:
+    """Bytes of parameters this process holds: {"shared": ..., "experts": ..., "total": ...}."""
+    experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".moe.shards." in n)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"shared": total - experts, "experts": experts, "total": total}
+
+
+class ExpertParallelMoE(nn.Module):
+    """Drop-in for ``MoE`` (same forward contract) holding this rank's share of the experts.
+
+    Every rank must call it with the same ``x_TD`` (the model replicates attention), in the same
+    order: it runs collectives on ``process_group``.
+    """
+
+    def __init__(self, cfg: GrokConfig, dtype: torch.dtype, quantized: bool, spec: ShardSpec, *, split: str,
+                 rank: int, world: int, process_group=None, layer: int = 0):
+        super().__init__()
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.router = Router(cfg.d_model, cfg.num_experts)
+        self.shards = nn.ModuleList([ExpertShard(cfg, spec, dtype, quantized)])
+        self.top_k = cfg.num_experts_per_tok
+        self.renormalize = cfg.renormalize_gates
+        self.router_softcap = cfg.router_logit_softcap
+        self.dtype = dtype
+        self.impl = "auto"
+        self.split, self.rank, self.world, self.layer = split, rank, world, layer
+        self.group = process_group
+        self.experts_per_rank = spec.num_experts
+        self.exchange = "all_to_all"
+        self.deterministic = True
+
+    @property
+    def spec(self) -> ShardSpec:
+        return self.shards[0].spec
+
+    def extra_repr(self) -> str:
+        return f"split={self.split!r}, rank={self.rank}, world={self.world}, exchange={self.exchange!r}"
+
+    def forward(
+        self, x_TD: torch.Tensor, expert_ids_TK: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from grok_torch.kernels import moe_router
+
+        if torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters())):
+            raise NotImplementedError("expert parallelism is inference-only: gradients do not flow through "
+                                      "the exchanges between ranks (run under torch.no_grad())")
+        probs, gates, ids = moe_router(
+            x_TD, self.router.weight, top_k=self.top_k, renormalize=self.renormalize,
+            router_softcap=self.router_softcap, expert_ids=expert_ids_TK, impl=self.impl,
+        )
+        if self.world == 1:
+            out = self.shards[0](x_TD, gates, ids, self.dtype, self.impl)
+        elif self.split == "experts" and self.exchange == "all_to_all":
+            out = self._all_to_all(x_TD, gates, ids)
+        else:
+            out = self._sum_over_ranks(self.shards[0](x_TD, gates, ids, self.dtype, self.impl))
+        return out.to(self.dtype), probs, ids
+
+    # ---- collectives ----------------------------------------------------------------------------
+
+    def _collective(self, what: str, fn, *args, **kwargs):
+        """A collective on this block's group; a failure is a one-line CollectiveError naming the rank."""
+        try:
+            fn(*args, group=self.group, **kwargs)
+        except RuntimeError as e:  # DistBackendError, gloo's "Connection closed by peer", timeouts
+            msg = " ".join(str(e).split())
+            raise CollectiveError(f"rank {self.rank}: {what} of layer {self.layer} failed ({type(e).__name__}: "
+                                  f"{msg}); a peer process failed or timed out, see its error") from None
+
+    def _gather(self, out: torch.Tensor, inp: torch.Tensor, what: str) -> None:
+        dist = _dist()
+        self._collective(what, getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor, out, inp)
+
+    def _sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum of every rank's fp32 partial [T, D], the same bits on every rank.
+
+        Ordered (default): rank j receives piece j of every partial (one all_to_all_single), adds them
+        in rank order (as ``ShardedMoE`` adds its shards), and the pieces are all-gathered."""
+        dist, W = _dist(), self.world
+        if not self.deterministic:
+            self._collective("all_reduce (partial outputs)", dist.all_reduce, partial)
+            return partial
+        T, D = partial.shape
+        n = T * D
+        piece = -(-n // W)
+        flat = partial.new_zeros(W * piece)
+        flat[:n] = partial.reshape(-1)
+        got = torch.empty_like(flat)
+        self._collective("all_to_all_single (partial outputs)", dist.all_to_all_single, got, flat)
+        got = got.view(W, piece)
+        acc = got[0]
+        for j in range(1, W):
+            acc = acc + got[j]
+        full = torch.empty_like(flat)
+        self._gather(full, acc.contiguous(), "all_gather (summed outputs)")
+        return full[:n].view(T, D)
+
+    def _all_to_all(self, x: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The "experts" split with tokens sent to their experts' ranks (see the module docstring)."""
+        dist, W, r = _dist(), self.world, self.rank
+        T, D = x.shape
+        K = ids.shape[1]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        if T == 0:
+            return x.new_zeros(0, D, dtype=acc)
+        share = -(-T // W)                                      # tokens per rank (the last ones may get fewer)
+        s, e = min(r * share, T), min((r + 1) * share, T)
+        slot_ids = ids[s:e].reshape(-1)                          # rows (t, k) of my tokens, slot order
+        dest = slot_ids // self.experts_per_rank
+        order = torch.argsort(dest, stable=True)                 # grouped by rank, (t, k) order kept within
+        ranks = torch.arange(W, device=x.device)
+        send_counts = (dest[:, None] == ranks[None, :]).sum(0)   # no bincount: it validates on the host
+        recv_counts = torch.empty_like(send_counts)
+        self._collective("all_to_all_single (row counts)", dist.all_to_all_single, recv_counts, send_counts)
+        counts = torch.cat([send_counts, recv_counts]).tolist()  # the one host sync of the layer
+        send, recv = counts[:W], counts[W:]
+
+        payload = torch.cat([x[s:e].to(acc)[order // K], gates[s:e].reshape(-1)[order, None].to(acc),
+                             slot_ids[order, None].to(acc)], dim=1)
+        got = payload.new_empty(sum(recv), D + 2)
+        self._collective("all_to_all_single (token rows)", dist.all_to_all_single, got, payload,
+                  output_split_sizes=recv, input_split_sizes=send)
+        if got.shape[0]:
+            y = self.shards[0](got[:, :D].contiguous(), got[:, D:D + 1].contiguous(),
+                               got[:, D + 1:].long(), self.dtype, self.impl)  # gate * expert(x), fp32
+        else:
+            y = payload.new_zeros(0, D)
+        back = y.new_empty(sum(send), D)
+        self._collective("all_to_all_single (expert outputs)", dist.all_to_all_single, back, y.contiguous(),
+                  output_split_sizes=send, input_split_sizes=recv)
+        rows = torch.empty_like(back).index_copy_(0, order, back).view(e - s, K, D)
+        mine = x.new_zeros(share, D, dtype=back.dtype)
+        if e > s:
+            out = rows[:, 0]
+            for k in range(1, K):                                # slot order, as one device adds them
+                out = out + rows[:, k]
+            mine[: e - s] = out
+        full = mine.new_empty(W * share, D)
+        self._gather(full, mine, "all_gather (token shares)")
+        return full[:T]

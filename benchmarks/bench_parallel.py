@@ -227,6 +227,8 @@ def table(rows, fmt=None) -> str:
     fmt = fmt or {}
 
     def cell(k, v):
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
         if isinstance(v, float):
             return format(v, fmt.get(k, ".3g")) if abs(v) < 1e4 else f"{v:,.0f}"
         return str(v)

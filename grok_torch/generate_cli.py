@@ -105,7 +105,8 @@ def _main_distributed(args) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(torch.device(device))
         dist.init_process_group("nccl" if kind == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+                                timeout=datetime.timedelta(seconds=args.dist_timeout),
+                                device_id=torch.device(device) if kind == "cuda" else None)
         out = sys.stdout if rank == 0 else open(os.devnull, "w")
         try:
             return _run(args, out=out, device=device, expert_parallel=args.device_map or "experts", rank=rank)
@@ -183,10 +184,10 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
         else:
             model = Grok.from_pretrained(args.model, dtype=dtype, device=args.device or "cpu", impl=args.impl)
         prompt = tokenizer.encode(args.prompt) if args.prompt is not None else args.prompt_ids
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # RuntimeError: e.g. out of memory
         if rank is None:
             raise
-        failure = e
+        failure = e  # under torchrun: told to the other ranks first, then raised
     if rank is not None:
         _agree(failure, "loading", rank)
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None

@@ -17,12 +17,12 @@ experts stacked; int8 checkpoints carry ``<name>.weight`` int8 + ``<name>.scales
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
-
-import re
 
 import torch
 from torch import nn
@@ -51,22 +51,24 @@ def _shards(path: Path) -> Dict[str, str]:
         return {name: str(path / shard) for name, shard in weight_map.items()}
     single = path / "model.safetensors"
     if single.exists():
-        return {name: str(single) for name in _read_shard(str(single), "cpu", keys_only=True)}
+        with _open_shard(str(single)) as f:
+            return {name: str(single) for name in f.keys()}
     raise FileNotFoundError(f"{path}: no model.safetensors.index.json or model.safetensors (convert with grok-convert)")
 
 
-def _read_shard(shard: str, device: str, keys_only: bool = False):
-    """Yield a shard's tensor names (``keys_only``) or (name, tensor) pairs; a missing file is a
-    FileNotFoundError and an unreadable one (corrupt, truncated) a ValueError, both naming the file."""
+@contextlib.contextmanager
+def _open_shard(shard: str):
+    """``safe_open`` on the host; a missing file is a FileNotFoundError and an unreadable one (corrupt,
+    truncated) a ValueError, both naming the file. Errors of the caller's own (ValueError) and torch's
+    (RuntimeError: a device out of memory while moving a tensor) pass through as they are."""
     from safetensors import safe_open
 
     if not os.path.isfile(shard):
         raise FileNotFoundError(f"checkpoint shard {shard} does not exist")
     try:
-        with safe_open(shard, framework="pt", device=device) as f:
-            for name in list(f.keys()):
-                yield name if keys_only else (name, f.get_tensor(name))
-    except (ValueError, FileNotFoundError):
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            yield f
+    except (ValueError, FileNotFoundError, RuntimeError):
         raise
     except Exception as e:  # SafetensorError (not a public class), OSError on a truncated mmap
         msg = " ".join(str(e).split())
@@ -159,8 +161,6 @@ def read_checkpoint(path: Path, expected: Dict[str, torch.Tensor], targets: Dict
     expected: checkpoint tensor name -> meta tensor of its full shape (what the config implies).
     dtype_of(checkpoint name, stored dtype) -> the dtype the parameter is kept in.
     """
-    from safetensors import safe_open
-
     shards = _shards(path)
     missing = sorted(set(expected) - set(shards))
     unexpected = sorted(set(shards) - set(expected))
@@ -177,32 +177,23 @@ def read_checkpoint(path: Path, expected: Dict[str, torch.Tensor], targets: Dict
     state: Dict[str, torch.Tensor] = {}
     try:
         for shard in files:
-            if not os.path.isfile(shard):
-                raise FileNotFoundError(f"checkpoint shard {shard} does not exist")
-            try:
-                with safe_open(shard, framework="pt", device="cpu") as f:
-                    names = list(f.keys())
-                    for name in names:
-                        if name not in expected:
-                            raise ValueError(f"{shard}: holds {name}, which the model does not have "
-                                             "(the index does not match the shard)")
-                        if name not in readers:
-                            continue
-                        sl = f.get_slice(name)
-                        shape, want = tuple(sl.get_shape()), expected[name]
-                        if shape != tuple(want.shape):
-                            raise ValueError(f"{name}: checkpoint shape {shape} != model shape "
-                                             f"{tuple(want.shape)} (config does not match the weights)")
-                        for param in readers[name]:
-                            index = sources[param][1]
-                            t = f.get_tensor(name) if index is None else sl[index]
-                            state[param] = t.to(device=targets[param], dtype=dtype_of(name, t.dtype))
-                            del t  # the host copy goes before the next tensor is read
-            except (ValueError, FileNotFoundError):
-                raise
-            except Exception as e:  # SafetensorError (not a public class), OSError on a truncated mmap
-                msg = " ".join(str(e).split())
-                raise ValueError(f"{shard}: not a readable safetensors file ({type(e).__name__}: {msg})") from None
+            with _open_shard(shard) as f:
+                for name in list(f.keys()):
+                    if name not in expected:
+                        raise ValueError(f"{shard}: holds {name}, which the model does not have "
+                                         "(the index does not match the shard)")
+                    if name not in readers:
+                        continue
+                    sl = f.get_slice(name)
+                    shape, want = tuple(sl.get_shape()), expected[name]
+                    if shape != tuple(want.shape):
+                        raise ValueError(f"{name}: checkpoint shape {shape} != model shape "
+                                         f"{tuple(want.shape)} (config does not match the weights)")
+                    for param in readers[name]:
+                        index = sources[param][1]
+                        t = f.get_tensor(name) if index is None else sl[index]
+                        state[param] = t.to(device=targets[param], dtype=dtype_of(name, t.dtype))
+                        del t  # the host copy goes before the next tensor is read
             if bar is not None:
                 bar.update(os.path.getsize(shard))
     finally:

@@ -123,12 +123,12 @@ def moe_router(
     if resolve_impl(impl, x) == "torch":
         return route(x, router_w, top_k, expert_ids=expert_ids, **kwargs)
     from .ops import moe_router as router_triton
+    from .ops import router_grad
 
     with torch.no_grad():
         probs, gates, ids = router_triton(x, router_w, top_k, expert_ids=expert_ids, **kwargs)
     ids = ids.long()
-    if torch.is_grad_enabled() and (x.requires_grad or router_w.requires_grad):
-        probs, gates, _ = route(x, router_w, expert_ids=ids, **kwargs)
+    probs, gates = router_grad(x, router_w, probs, gates, ids, **kwargs)
     return probs, gates, ids
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "GemmConfig",
     "gemm_config",
     "moe_router",
+    "router_grad",
     "moe_route",
     "moe_align",
     "local_routing",
@@ -125,7 +126,7 @@ def gemm_config(num_tokens: int, top_k: int, num_experts: int, compute_dtype: to
 class Routing:
     """Everything the grouped GEMMs need to know about where each token went.
 
-    router_probs  [T, E] fp32     softmax over all experts
+    router_probs  [T, E] fp32     softmax over all experts (None for an expert shard's local grouping)
     gates         [T, K] fp32     gate of each chosen expert (renormalised if asked)
     topk_ids      [T, K] int32    chosen experts, descending probability
     sorted_ids    [MAX_BLOCKS * BLOCK_M] int32  flat row t*K+k of each GEMM row; T*K = padding
@@ -209,6 +210,17 @@ def moe_router(
         BLOCK_T=BLOCK_T, BLOCK_D=64,
     )
     return probs, gates, ids
+
+
+def router_grad(x, router_w, probs, gates, topk_ids, *, renormalize: bool = False,
+                router_softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router kernel's (probs, gates), or, when autograd records through x or router_w, the same
+    values recomputed with torch ops at the kernel's experts (cheap: T x D x E), so that gradients
+    reach the router through the gates."""
+    if torch.is_grad_enabled() and (x.requires_grad or router_w.requires_grad):
+        probs, gates, _ = route(x, router_w, renormalize=renormalize, router_softcap=router_softcap,
+                                expert_ids=topk_ids)
+    return probs, gates
 
 
 def moe_route(
@@ -529,12 +541,8 @@ def fused_moe_triton(
             x, router_w, top_k, renormalize=renormalize, router_softcap=router_softcap,
             expert_ids=expert_ids, block_m=cfg.block_m,
         )
-    probs, gates = routing.router_probs, routing.gates
-    if torch.is_grad_enabled() and (x.requires_grad or router_w.requires_grad):
-        # Differentiable gates: the router again in torch at the kernel's experts (cheap: T x D x E).
-        probs, gates, _ = route(
-            x, router_w, renormalize=renormalize, router_softcap=router_softcap, expert_ids=routing.topk_ids
-        )
+    probs, gates = router_grad(x, router_w, routing.router_probs, routing.gates, routing.topk_ids,
+                               renormalize=renormalize, router_softcap=router_softcap)
     out = _MoEExperts.apply(x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, bool(deterministic))
     return out, probs, routing.topk_ids.long()
 

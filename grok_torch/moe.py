@@ -22,7 +22,7 @@ from torch import nn
 from grok_torch.config import GrokConfig
 from grok_torch.weights import Weight
 
-__all__ = ["MoE", "Router"]
+__all__ = ["MoE", "RoutedMoE", "Router"]
 
 
 class Router(nn.Module):
@@ -33,26 +33,42 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(d_model, num_experts, dtype=torch.float32), requires_grad=False)
 
 
-class MoE(nn.Module):
-    """Router + stacked experts ``out = w2(gelu_tanh(w1 x) * w3 x)`` with un-renormalised top-k gates.
-
-    ``impl`` ("auto" | "torch" | "triton") is passed straight to the kernel layer; the model sets it
-    from one switch (``Grok.impl``).
+class RoutedMoE(nn.Module):
+    """What every MoE block shares, wherever its experts live: the fp32 router and the config's
+    routing settings. ``impl`` ("auto" | "torch" | "triton") is passed straight to the kernel
+    layer; the model sets it from one switch (``Grok.impl``). Subclasses hold the experts:
+    ``MoE`` (one device), ``grok_torch.parallel``'s ``ShardedMoE`` and ``ExpertParallelMoE``.
     """
 
-    def __init__(self, cfg: GrokConfig, dtype: torch.dtype, quantized: bool):
+    def __init__(self, cfg: GrokConfig, dtype: torch.dtype):
         super().__init__()
-        D, F, E = cfg.d_model, cfg.ffn_size, cfg.num_experts
-        g = cfg.quant_groups
-        self.router = Router(D, E)
-        self.w1 = Weight((E, D, F), g["w1"], quantized, dtype)   # gate proj, goes through GELU
-        self.w3 = Weight((E, D, F), g["w3"], quantized, dtype)   # up proj, linear
-        self.w2 = Weight((E, F, D), g["w2"], quantized, dtype)   # down proj
+        self.router = Router(cfg.d_model, cfg.num_experts)
         self.top_k = cfg.num_experts_per_tok
         self.renormalize = cfg.renormalize_gates
         self.router_softcap = cfg.router_logit_softcap
         self.dtype = dtype
         self.impl = "auto"
+
+    def route(self, x_TD: torch.Tensor, expert_ids_TK: Optional[torch.Tensor] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router_probs [T, E] fp32, gates [T, K] fp32, topk_ids [T, K] int64): the router alone."""
+        from grok_torch.kernels import moe_router
+
+        return moe_router(x_TD, self.router.weight, top_k=self.top_k, renormalize=self.renormalize,
+                          router_softcap=self.router_softcap, expert_ids=expert_ids_TK, impl=self.impl)
+
+
+class MoE(RoutedMoE):
+    """Router + stacked experts ``out = w2(gelu_tanh(w1 x) * w3 x)`` with un-renormalised top-k gates,
+    on one device: routing and experts in one ``fused_moe`` call."""
+
+    def __init__(self, cfg: GrokConfig, dtype: torch.dtype, quantized: bool):
+        super().__init__(cfg, dtype)
+        D, F, E = cfg.d_model, cfg.ffn_size, cfg.num_experts
+        g = cfg.quant_groups
+        self.w1 = Weight((E, D, F), g["w1"], quantized, dtype)   # gate proj, goes through GELU
+        self.w3 = Weight((E, D, F), g["w3"], quantized, dtype)   # up proj, linear
+        self.w2 = Weight((E, F, D), g["w2"], quantized, dtype)   # down proj
 
     def forward(
         self, x_TD: torch.Tensor, expert_ids_TK: Optional[torch.Tensor] = None

@@ -59,8 +59,8 @@ import torch
 from torch import nn
 
 from grok_torch.config import GrokConfig
-from grok_torch.moe import MoE, Router
-from grok_torch.parallel.sharded_moe import SPLITS, ExpertShard, ShardSpec, shard_specs
+from grok_torch.moe import RoutedMoE
+from grok_torch.parallel.sharded_moe import SPLITS, ExpertShard, ShardSpec, replace_moe_blocks, shard_specs
 
 __all__ = ["prepare_expert_parallel", "ExpertParallelMoE", "CollectiveError", "EXCHANGES", "set_exchange",
            "rank_bytes", "default_device"]
@@ -131,14 +131,9 @@ def prepare_expert_parallel(model: nn.Module, split: str = "experts", *, device=
         raise ValueError(f"expert_parallel: world size {world}: {e}") from None
     device = _rank_device(device, process_group)
     quantized = cfg.weight_format == "int8"
-    for i, layer in enumerate(model.layers):
-        if not isinstance(layer.moe, MoE):
-            raise ValueError("expert_parallel: the model's MoE blocks are already sharded")
-        impl = layer.moe.impl
-        with torch.device("meta"):
-            layer.moe = ExpertParallelMoE(cfg, model.dtype, quantized, specs[rank], split=split, rank=rank,
-                                          world=world, process_group=process_group, layer=i)
-        layer.moe.impl = impl
+    replace_moe_blocks(model, lambda i: ExpertParallelMoE(cfg, model.dtype, quantized, specs[rank], split=split,
+                                                          rank=rank, world=world, process_group=process_group,
+                                                          layer=i))
     return {name: device for name, _ in model.named_parameters()}
 
 
@@ -164,7 +159,7 @@ def rank_bytes(model: nn.Module) -> Dict[str, int]:
     return {"shared": total - experts, "experts": experts, "total": total}
 
 
-class ExpertParallelMoE(nn.Module):
+class ExpertParallelMoE(RoutedMoE):
     """Drop-in for ``MoE`` (same forward contract) holding this rank's share of the experts.
 
     Every rank must call it with the same ``x_TD`` (the model replicates attention), in the same
@@ -173,16 +168,10 @@ class ExpertParallelMoE(nn.Module):
 
     def __init__(self, cfg: GrokConfig, dtype: torch.dtype, quantized: bool, spec: ShardSpec, *, split: str,
                  rank: int, world: int, process_group=None, layer: int = 0):
-        super().__init__()
+        super().__init__(cfg, dtype)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.router = Router(cfg.d_model, cfg.num_experts)
         self.shards = nn.ModuleList([ExpertShard(cfg, spec, dtype, quantized)])
-        self.top_k = cfg.num_experts_per_tok
-        self.renormalize = cfg.renormalize_gates
-        self.router_softcap = cfg.router_logit_softcap
-        self.dtype = dtype
-        self.impl = "auto"
         self.split, self.rank, self.world, self.layer = split, rank, world, layer
         self.group = process_group
         self.experts_per_rank = spec.num_experts
@@ -199,15 +188,10 @@ class ExpertParallelMoE(nn.Module):
     def forward(
         self, x_TD: torch.Tensor, expert_ids_TK: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from grok_torch.kernels import moe_router
-
         if torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters())):
             raise NotImplementedError("expert parallelism is inference-only: gradients do not flow through "
                                       "the exchanges between ranks (run under torch.no_grad())")
-        probs, gates, ids = moe_router(
-            x_TD, self.router.weight, top_k=self.top_k, renormalize=self.renormalize,
-            router_softcap=self.router_softcap, expert_ids=expert_ids_TK, impl=self.impl,
-        )
+        probs, gates, ids = self.route(x_TD, expert_ids_TK)
         if self.world == 1:
             out = self.shards[0](x_TD, gates, ids, self.dtype, self.impl)
         elif self.split == "experts" and self.exchange == "all_to_all":
@@ -229,7 +213,7 @@ class ExpertParallelMoE(nn.Module):
 
     def _gather(self, out: torch.Tensor, inp: torch.Tensor, what: str) -> None:
         dist = _dist()
-        self._collective(what, getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor, out, inp)
+        self._collective(what, dist.all_gather_into_tensor, out, inp)
 
     def _sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum of every rank's fp32 partial [T, D], the same bits on every rank.

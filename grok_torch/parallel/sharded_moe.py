@@ -20,16 +20,16 @@ Nothing here synchronises with the host, so the shards' kernels on different GPU
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from grok_torch.config import GrokConfig
-from grok_torch.moe import MoE, Router
+from grok_torch.moe import MoE, RoutedMoE
 from grok_torch.weights import Weight
 
-__all__ = ["SPLITS", "ShardSpec", "shard_specs", "ExpertShard", "ShardedMoE", "shard_moe_blocks"]
+__all__ = ["SPLITS", "ShardSpec", "shard_specs", "ExpertShard", "ShardedMoE", "shard_moe_blocks", "replace_moe_blocks"]
 
 SPLITS = ("experts", "ffn")
 
@@ -113,21 +113,15 @@ class ExpertShard(nn.Module):
         )
 
 
-class ShardedMoE(nn.Module):
+class ShardedMoE(RoutedMoE):
     """Drop-in for ``MoE`` (same forward contract) with the experts in ``shards`` on their devices.
 
     The router stays with the layer (its device is the token's device); each shard may live anywhere.
     """
 
     def __init__(self, cfg: GrokConfig, dtype: torch.dtype, quantized: bool, specs: List[ShardSpec]):
-        super().__init__()
-        self.router = Router(cfg.d_model, cfg.num_experts)
+        super().__init__(cfg, dtype)
         self.shards = nn.ModuleList(ExpertShard(cfg, s, dtype, quantized) for s in specs)
-        self.top_k = cfg.num_experts_per_tok
-        self.renormalize = cfg.renormalize_gates
-        self.router_softcap = cfg.router_logit_softcap
-        self.dtype = dtype
-        self.impl = "auto"
 
     @property
     def split(self) -> str:
@@ -136,13 +130,8 @@ class ShardedMoE(nn.Module):
     def forward(
         self, x_TD: torch.Tensor, expert_ids_TK: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from grok_torch.kernels import moe_router
-
         home = x_TD.device
-        probs, gates, ids = moe_router(
-            x_TD, self.router.weight, top_k=self.top_k, renormalize=self.renormalize,
-            router_softcap=self.router_softcap, expert_ids=expert_ids_TK, impl=self.impl,
-        )
+        probs, gates, ids = self.route(x_TD, expert_ids_TK)
         # queue every shard's work before reading any result: shards on different GPUs overlap
         partials = []
         for shard in self.shards:
@@ -156,15 +145,19 @@ class ShardedMoE(nn.Module):
         return out.to(self.dtype), probs, ids
 
 
-def shard_moe_blocks(model: nn.Module, specs: List[ShardSpec]) -> None:
-    """Replace every layer's ``MoE`` by a ``ShardedMoE`` with these shards (on the meta device: the
-    weights are read later, each shard's slice straight to its device)."""
-    cfg, dtype = model.config, model.dtype
-    quantized = cfg.weight_format == "int8"
-    for layer in model.layers:
+def replace_moe_blocks(model: nn.Module, build: Callable[[int], nn.Module]) -> None:
+    """Replace every layer's one-device ``MoE`` by ``build(layer index)``, built on the meta device
+    (the weights are read later, each shard's slice straight to its device), keeping ``impl``."""
+    for i, layer in enumerate(model.layers):
         if not isinstance(layer.moe, MoE):
             raise ValueError("the model's MoE blocks are already sharded")
         impl = layer.moe.impl
         with torch.device("meta"):
-            layer.moe = ShardedMoE(cfg, dtype, quantized, specs)
+            layer.moe = build(i)
         layer.moe.impl = impl
+
+
+def shard_moe_blocks(model: nn.Module, specs: List[ShardSpec]) -> None:
+    """Replace every layer's ``MoE`` by a ``ShardedMoE`` with these shards."""
+    quantized = model.config.weight_format == "int8"
+    replace_moe_blocks(model, lambda i: ShardedMoE(model.config, model.dtype, quantized, specs))

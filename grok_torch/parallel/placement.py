@@ -172,14 +172,10 @@ def _dict_placement(cfg: GrokConfig, given: Dict[str, torch.device], strict: boo
     the embedding's, else a ValueError says so; otherwise (accelerate's plan) they are moved there.
     """
     def lookup(name: str) -> torch.device:
-        best = None
-        for k in given:
-            if k == "" or name == k or name.startswith(k + "."):
-                if best is None or len(k) > len(best):
-                    best = k
-        if best is None:
+        d = _device_of(given, name)
+        if d is None:
             raise ValueError(f"device_map does not place {name!r}: add it (or a parent module) to the map")
-        return given[best]
+        return d
 
     known = {name for name, _ in _meta_model(cfg, torch.float32).named_modules()}
     for k in given:
@@ -205,22 +201,27 @@ def _dict_placement(cfg: GrokConfig, given: Dict[str, torch.device], strict: boo
     return Placement("accelerate", _one_expert_shards(cfg), _partition(cfg, main, homes, shard_devs))
 
 
-def device_bytes(model: nn.Module, placement: Placement) -> Dict[torch.device, int]:
-    """Bytes of parameters each device holds under ``placement`` (model sharded like it; meta is fine)."""
-    out: Dict[torch.device, int] = {}
-    keys = sorted(placement.device_map, key=len, reverse=True)
-    for name, p in model.named_parameters():
-        k = next(k for k in keys if name.startswith(k + "."))
-        d = placement.device_map[k]
-        out[d] = out.get(d, 0) + p.numel() * p.element_size()
-    return out
+def _device_of(device_map: Mapping[str, torch.device], name: str) -> Optional[torch.device]:
+    """The device of the longest key of ``device_map`` naming ``name`` or a module above it ("" = all)."""
+    best = None
+    for k in device_map:
+        if (k == "" or name == k or name.startswith(k + ".")) and (best is None or len(k) > len(best)):
+            best = k
+    return None if best is None else device_map[best]
 
 
 def param_devices(model: nn.Module, placement: Placement) -> Dict[str, torch.device]:
     """Parameter name -> the device its module is placed on."""
-    keys = sorted(placement.device_map, key=len, reverse=True)
-    return {name: placement.device_map[next(k for k in keys if name.startswith(k + "."))]
-            for name, _ in model.named_parameters()}
+    return {name: _device_of(placement.device_map, name) for name, _ in model.named_parameters()}
+
+
+def device_bytes(model: nn.Module, placement: Placement) -> Dict[torch.device, int]:
+    """Bytes of parameters each device holds under ``placement`` (model sharded like it; meta is fine)."""
+    out: Dict[torch.device, int] = {}
+    devices = param_devices(model, placement)
+    for name, p in model.named_parameters():
+        out[devices[name]] = out.get(devices[name], 0) + p.numel() * p.element_size()
+    return out
 
 
 def attach_hooks(model: nn.Module, placement: Placement) -> None:

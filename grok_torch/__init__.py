@@ -1,9 +1,9 @@
 """grok_torch: xAI's Grok-1 in PyTorch.
 
-    from grok_torch import Grok, GrokConfig, Tokenizer, generate
-    model = Grok.from_pretrained("grok-1-int8", dtype=torch.bfloat16)
+    from grok_torch import Grok, Tokenizer, generate
+    model = Grok.from_pretrained("grok-1-int8", device_map="experts")   # every visible GPU
     tok = Tokenizer("grok-1-int8/tokenizer.model")
-    print(generate(model, tok, ["The answer to life"], max_new_tokens=20)[0].text)
+    print(generate(model, ["The answer to life"], 20, tokenizer=tok)[0].text)
 
 Exports are resolved lazily so that ``import grok_torch.config`` (the converter, CLIs' --help)
 does not pay for importing torch.

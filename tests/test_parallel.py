@@ -250,3 +250,22 @@ def test_from_pretrained_checks_the_fit_first():
         else:
             with pytest.raises(ValueError, match="DOES NOT FIT(.|\n)*would fit: 8 GPUs"):
                 check_placement_fits(cfg, placement, BF16, mem)
+
+
+def test_the_fit_check_runs_before_anything_is_read(fixture, monkeypatch):
+    """load_pretrained asks the planner before it reads a byte: a refusal leaves the shards unread."""
+    import grok_torch.loading as loading
+    import grok_torch.parallel.placement as placement
+
+    path, _, _ = fixture
+    seen = []
+
+    def refuse(cfg, plan, dtype, max_memory):
+        seen.append(plan.split)
+        raise ValueError("DOES NOT FIT (test)")
+
+    monkeypatch.setattr(placement, "check_placement_fits", refuse)
+    monkeypatch.setattr(loading, "read_checkpoint", lambda *a, **k: pytest.fail("read before the fit check"))
+    with pytest.raises(ValueError, match="DOES NOT FIT"):
+        placed(path, "ffn", 2, FP32)
+    assert seen == ["ffn"]

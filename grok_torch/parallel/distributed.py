@@ -213,7 +213,7 @@ class ExpertParallelMoE(RoutedMoE):
 
     def _gather(self, out: torch.Tensor, inp: torch.Tensor, what: str) -> None:
         dist = _dist()
-        self._collective(what, dist.all_gather_into_tensor, out, inp)
+        self._collective(what, dist.all_gather_single, out, inp)
 
     def _sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum of every rank's fp32 partial [T, D], the same bits on every rank.

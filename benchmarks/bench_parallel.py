@@ -73,7 +73,7 @@ def make_checkpoint(cfg: GrokConfig, root: Path) -> Path:
     return out
 
 
-def _worker(rank, world, port, path, split, prompt_len, steps, q):
+def _worker(rank, world, port, path, split, exchange, prompt_len, steps, q):
     torch.set_num_threads(1)
     import datetime as dt
 
@@ -87,6 +87,10 @@ def _worker(rank, world, port, path, split, prompt_len, steps, q):
                                 timeout=dt.timedelta(seconds=120))
         kw = dict(expert_parallel=split, device="cpu")
     model = Grok.from_pretrained(path, dtype=torch.bfloat16, **kw)
+    if exchange:
+        from grok_torch.parallel.distributed import set_exchange
+
+        set_exchange(model, exchange)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     tokens = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -107,7 +111,7 @@ def _worker(rank, world, port, path, split, prompt_len, steps, q):
         dist.destroy_process_group()
 
 
-def run_world(path, world, split, prompt_len, steps):
+def run_world(path, world, split, prompt_len, steps, exchange=None):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -115,7 +119,7 @@ def run_world(path, world, split, prompt_len, steps):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(path), split, prompt_len, steps, q))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(path), split, exchange, prompt_len, steps, q))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -133,15 +137,17 @@ def measured_rows(cfg, root, worlds, prompt_len, steps):
     rows = [dict(config=cfg.name, split="1 process", world=1, prefill_tok_s=prompt_len / base[1],
                  decode_ms=base[2] * 1e3, x_prefill=1.0, x_decode=1.0, param_mb=base[3] / 1e6, rss_mb=base[4] / 1e6,
                  same_tokens=True)]
-    for split in ("experts", "ffn"):
+    # the experts split with its two exchanges: all_to_all (one host sync per layer) and all_reduce
+    for split, exchange in (("experts", "all_to_all"), ("experts", "all_reduce"), ("ffn", None)):
         for n in worlds:
             try:
                 shard_specs(cfg, split, n)
             except ValueError:
                 continue
-            res = run_world(path, n, split, prompt_len, steps)
+            res = run_world(path, n, split, prompt_len, steps, exchange)
             prefill, decode = max(r[1] for r in res), max(r[2] for r in res)
-            rows.append(dict(config=cfg.name, split=split, world=n, prefill_tok_s=prompt_len / prefill,
+            name = f"{split} ({exchange})" if exchange else split
+            rows.append(dict(config=cfg.name, split=name, world=n, prefill_tok_s=prompt_len / prefill,
                              decode_ms=decode * 1e3, x_prefill=base[1] / prefill, x_decode=base[2] / decode,
                              param_mb=max(r[3] for r in res) / 1e6, rss_mb=max(r[4] for r in res) / 1e6,
                              same_tokens=all(r[5] == base[5] for r in res)))

@@ -24,18 +24,29 @@ import torch
 from torch import nn
 
 from grok_torch.config import GrokConfig
+from grok_torch.kernels.attention import attention
 from grok_torch.loading import load_pretrained
 from grok_torch.moe import MoE
 from grok_torch.weights import SUPPORTED_DTYPES, Weight
 
-__all__ = ["Grok", "KVCache", "RMSNorm", "Attention", "DecoderLayer", "apply_rope"]
-
-MASK_VALUE = -1e30  # official value; -inf would turn fully masked rows into NaN
-
+__all__ = ["Grok", "KVCache", "RMSNorm", "Attention", "DecoderLayer", "apply_rope", "keep_positions"]
 
 def as_dtype(c: float, dtype: torch.dtype) -> float:
     """A Python constant as ``dtype`` holds it: jit turns ``bf16_array * 78.38`` into ``* 78.5`` (SPEC §3.1)."""
     return torch.tensor(c, dtype=dtype).item()
+
+
+def keep_positions(h: torch.Tensor, keep: Union[int, torch.Tensor]) -> torch.Tensor:
+    """h [B, T, D] at the positions ``logits_to_keep`` names (see ``Grok.forward``)."""
+    if isinstance(keep, torch.Tensor):
+        if keep.dim() == 1:
+            return h[:, keep.to(h.device)]
+        if keep.dim() == 2 and keep.shape[0] == h.shape[0]:
+            return h.gather(1, keep.to(h.device)[:, :, None].expand(-1, -1, h.shape[-1]))
+        raise ValueError(f"logits_to_keep as a tensor must be [K] or [batch, K] positions, got {tuple(keep.shape)}")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position) or an index tensor, got {keep!r}")
+    return h if keep == 0 else h[:, -keep:]
 
 
 class RMSNorm(nn.Module):
@@ -85,7 +96,13 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """GQA attention with RoPE, fp32 scores * attn_output_multiplier, 30*tanh(s/30) cap, fp32 softmax."""
+    """GQA attention with RoPE, fp32 scores * attn_output_multiplier, 30*tanh(s/30) cap, fp32 softmax.
+
+    ``precision``: "fp32" (default, the faithful path: exact int8 weights, fp32 products) or "bf16"
+    (projections and the two attention products on bf16 operands with fp32 accumulation: tensor
+    cores on a GPU; parity stays within SPEC §8's bf16 bounds, see the README). ``impl`` picks the
+    kernels ("auto": Triton on CUDA, the PyTorch reference elsewhere).
+    """
 
     def __init__(self, cfg: GrokConfig, dtype: torch.dtype, quantized: bool):
         super().__init__()
@@ -95,47 +112,39 @@ class Attention(nn.Module):
         self.wv = Weight((D, cfg.kv_size), g["wv"], quantized, dtype, fp32_math=True)
         self.wo = Weight((cfg.q_size, D), g["wo"], quantized, dtype, fp32_math=True)
         self.cfg, self.dtype = cfg, dtype
-        self.query_chunk = 1024  # query rows per score block (bounds the attention workspace)
+        self.precision, self.impl = "fp32", "auto"
 
-    def forward(self, x: torch.Tensor, pos_BT: torch.Tensor, mask_BTS: torch.Tensor,
-                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos_BT: torch.Tensor, key_valid: torch.Tensor,
+                cache: Optional[KVCache] = None, layer: int = 0, causal_offset: Optional[int] = None) -> torch.Tensor:
         """x [B, T, D] fp32 (the unrounded pre-norm output) -> fp32 [B, T, D] after o_proj.
 
-        mask_BTS: True = may attend. All math is fp32, with int8 weights dequantized EXACTLY (not
-        rounded to bf16) even in bf16 mode: XLA fuses the dequantization and the whole block in fp32
-        (SPEC §3.4). Measured on tiny_ref (bf16): bf16 intermediates give block mean |d| 3.1e-3, fp32
-        ones 2.4e-3, fp32 with exact weights 1.7e-3; end to end with its own routing, exact weights
-        lift top-1 from 68 % to 90 % (bf16-rounded weights flip routing decisions).
+        key_valid [B, S]: which keys are real tokens (S = T without a cache; with one, the whole
+        preallocated cache: its unwritten tail is invisible by position). Query (b, t) at position
+        ``pos_BT[b, t]`` sees key j iff key_valid[b, j] and j <= pos_BT[b, t]. ``causal_offset``: see
+        ``grok_torch.kernels.attention`` (a host-known bound that lets whole key blocks be skipped).
+
+        All math is fp32, with int8 weights dequantized EXACTLY (not rounded to bf16) even in bf16
+        mode: XLA fuses the dequantization and the whole block in fp32 (SPEC §3.4). Measured on
+        tiny_ref (bf16): bf16 intermediates give block mean |d| 3.1e-3, fp32 ones 2.4e-3, fp32 with
+        exact weights 1.7e-3; end to end with its own routing, exact weights lift top-1 from 68 % to
+        90 % (bf16-rounded weights flip routing decisions).
         """
-        cfg = self.cfg
+        cfg, prec, impl = self.cfg, self.precision, self.impl
         B, T, _ = x.shape
         Hq, Hkv, dh = cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
-        f32 = torch.float32
-        q = apply_rope((x @ self.wq.dequant(f32)).view(B, T, Hq, dh), pos_BT, cfg.rope_base)
-        k = apply_rope((x @ self.wk.dequant(f32)).view(B, T, Hkv, dh), pos_BT, cfg.rope_base)
-        v = (x @ self.wv.dequant(f32)).view(B, T, Hkv, dh)
+        q = apply_rope(self.wq(x, prec, impl).view(B, T, Hq, dh), pos_BT, cfg.rope_base)
+        k = apply_rope(self.wk(x, prec, impl).view(B, T, Hkv, dh), pos_BT, cfg.rope_base)
+        v = self.wv(x, prec, impl).view(B, T, Hkv, dh)
         if cache is not None:
-            # the cache holds the activation dtype (bf16 in the release), so cached K/V are rounded
+            # the cache holds the activation dtype (bf16 in the release), so cached K/V are rounded;
+            # attention then reads the cache where it lies (no fp32 copy of it)
             rows = torch.arange(B, device=x.device)[:, None]
             cache.k[layer][rows, pos_BT] = k.to(cache.dtype)
             cache.v[layer][rows, pos_BT] = v.to(cache.dtype)
-            S = mask_BTS.shape[-1]  # only the filled prefix of the cache takes part
-            k, v = cache.k[layer][:, :S].float(), cache.v[layer][:, :S].float()
-        # q head h uses kv head h // (Hq/Hkv): group consecutive q heads per kv head
-        q = q.view(B, T, Hkv, Hq // Hkv, dh)
-        # queries a chunk at a time: the fp32 scores (and their capped / softmaxed copies) are
-        # [B, Hq, query_chunk, S], not [B, Hq, T, S] (12.9 GB each for one 8k sequence of Grok-1)
-        o = torch.cat([self._attend(q[:, t:t + self.query_chunk], k, v, mask_BTS[:, t:t + self.query_chunk])
-                       for t in range(0, T, self.query_chunk)], dim=1)
-        return o.reshape(B, T, Hq * dh) @ self.wo.dequant(f32)
-
-    def _attend(self, q, k, v, mask_BTS):
-        """softmax(cap(q.k * mult), masked) @ v for q [B, Tq, Hkv, G, dh]; fp32; -> [B, Tq, Hkv, G, dh]."""
-        cfg = self.cfg
-        s = torch.einsum("btkgd,bskd->bkgts", q, k) * cfg.attn_output_multiplier
-        s = cfg.attn_logit_cap * torch.tanh(s / cfg.attn_logit_cap)
-        s = s.masked_fill(~mask_BTS[:, None, None], MASK_VALUE)
-        return torch.einsum("bkgts,bskd->btkgd", torch.softmax(s, dim=-1), v)
+            k, v = cache.k[layer], cache.v[layer]
+        o = attention(q, k, v, pos_BT, key_valid, scale=cfg.attn_output_multiplier, cap=cfg.attn_logit_cap,
+                      precision=prec, causal_offset=causal_offset, impl=impl)
+        return self.wo(o.reshape(B, T, Hq * dh), prec, impl)
 
 
 class DecoderLayer(nn.Module):
@@ -151,9 +160,9 @@ class DecoderLayer(nn.Module):
         self.moe_post_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.dtype = dtype
 
-    def forward(self, h: torch.Tensor, pos_BT: torch.Tensor, mask_BTS: torch.Tensor,
+    def forward(self, h: torch.Tensor, pos_BT: torch.Tensor, key_valid: torch.Tensor,
                 cache: Optional[KVCache] = None, layer: int = 0,
-                expert_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                expert_ids: Optional[torch.Tensor] = None, causal_offset: Optional[int] = None) -> torch.Tensor:
         """h [B, T, D] fp32 residual stream -> new residual stream. expert_ids [B, T, k] forces routing.
 
         The residual stream stays fp32: XLA never materialises it in bf16 between these ops, and
@@ -161,7 +170,7 @@ class DecoderLayer(nn.Module):
         activation dtype (the kernel contract).
         """
         B, T, D = h.shape
-        h = h + self.attn_post_norm(self.attn(self.attn_norm(h), pos_BT, mask_BTS, cache, layer))
+        h = h + self.attn_post_norm(self.attn(self.attn_norm(h), pos_BT, key_valid, cache, layer, causal_offset))
         m_in = self.moe_norm(h).view(B * T, D)  # fp32: the router consumes the unrounded norm output
         ids = None if expert_ids is None else expert_ids.reshape(B * T, -1)
         m, _, _ = self.moe(m_in, ids)
@@ -234,12 +243,24 @@ class Grok(nn.Module):
 
     @impl.setter
     def impl(self, value: str) -> None:
-        """One switch for every MoE block's kernel implementation."""
+        """One switch for every kernel (MoE, attention, attention projections): Triton or the PyTorch reference."""
         if value not in ("auto", "torch", "triton"):
             raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {value!r}")
         self._impl = value
         for layer in self.layers:
-            layer.moe.impl = value
+            layer.moe.impl = layer.attn.impl = value
+
+    @property
+    def attn_precision(self) -> str:
+        return self.layers[0].attn.precision if len(self.layers) else "fp32"
+
+    @attn_precision.setter
+    def attn_precision(self, value: str) -> None:
+        """"fp32" (default, faithful) or "bf16" (tensor-core attention; within SPEC §8's bf16 bounds)."""
+        if value not in ("fp32", "bf16"):
+            raise ValueError(f"attn_precision must be 'fp32' or 'bf16', got {value!r}")
+        for layer in self.layers:
+            layer.attn.precision = value
 
     def new_cache(self, batch: int, max_len: Optional[int] = None) -> KVCache:
         """A zeroed KV cache, each layer's K/V on that layer's device (default length: the model context)."""
@@ -247,33 +268,51 @@ class Grok(nn.Module):
                        layer_devices=[layer.attn.wq.weight.device for layer in self.layers])
 
     # ---- forward ----
-    def _check_tokens(self, tokens: torch.Tensor, cache: Optional[KVCache]) -> None:
-        cfg = self.config
+    def _check_shapes(self, tokens: torch.Tensor, cache: Optional[KVCache]) -> None:
+        """Checks that read no device value (what a captured decode step can afford)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError(f"tokens must be a [batch, seq] tensor, got {getattr(tokens, 'shape', type(tokens))}")
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
             raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if cache is None and tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model context "
+                             f"max_seq_len={self.config.max_seq_len}")
+        if cache is not None and cache.batch != tokens.shape[0]:
+            raise ValueError(f"cache batch {cache.batch} != tokens batch {tokens.shape[0]}")
+
+    def _check_values(self, tokens: torch.Tensor, cache: Optional[KVCache]) -> Optional[int]:
+        """Token ids in range and no cache overflow (reads device values); returns max(cache.pos)."""
+        cfg = self.config
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= cfg.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is out of range [0, vocab_size={cfg.vocab_size})")
-        T = tokens.shape[1]
-        if cache is None and T > cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds the model context max_seq_len={cfg.max_seq_len}")
-        if cache is not None:
-            if cache.batch != tokens.shape[0]:
-                raise ValueError(f"cache batch {cache.batch} != tokens batch {tokens.shape[0]}")
-            end = int(cache.pos.max()) + T
-            if end > cache.max_len:
-                raise ValueError(f"cache overflow: positions up to {end} but the cache holds {cache.max_len}")
+        if cache is None:
+            return None
+        start = int(cache.pos.max())
+        if start + tokens.shape[1] > cache.max_len:
+            raise ValueError(f"cache overflow: positions up to {start + tokens.shape[1]} but the cache holds "
+                             f"{cache.max_len}")
+        return start
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
-                expert_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                expert_ids: Optional[torch.Tensor] = None, *, logits_to_keep: Union[int, torch.Tensor] = 0,
+                static_shapes: bool = False) -> torch.Tensor:
         """tokens [B, T] int -> logits [B, T, V] (activation dtype).
 
         cache: decode/prefill through a KVCache; tokens are written at ``cache.pos`` and it advances by T.
         expert_ids: [B, L, T, k] forces every layer's expert choice (parity tests, debugging).
+        logits_to_keep (the transformers name): 0 (default) every position; an int k > 0 the last k
+            positions (``[B, k, V]``); an index tensor ``[K]`` (the same positions for every row) or
+            ``[B, K]`` (per row, e.g. each prompt's last token) -> ``[B, K, V]``. The final norm and the
+            head (131072 columns for Grok-1) only run on the kept positions.
+        static_shapes: the decode step a CUDA graph holds. Nothing is read back to the host: the
+            token ids and the cache bound are not checked (the caller vouches for them: ``stream``
+            checks prompts on the host, sampled ids are in range by construction) and attention
+            visits the whole preallocated cache with a mask instead of skipping its unwritten tail.
+            Same values as the default path up to fp32 summation order.
         """
-        self._check_tokens(tokens, cache)
+        self._check_shapes(tokens, cache)
+        start = None if static_shapes else self._check_values(tokens, cache)
         cfg, dt = self.config, self.dtype
         B, T = tokens.shape
         dev = tokens.device
@@ -281,23 +320,20 @@ class Grok(nn.Module):
         valid_BT = tokens != cfg.pad_token_id
         if cache is None:
             pos_BT = torch.arange(T, device=dev).expand(B, T)
-            key_valid, S = valid_BT, T
+            key_valid, causal_offset = valid_BT, 0
         else:
             pos_BT = cache.pos[:, None] + torch.arange(T, device=dev)
             cache.key_valid[torch.arange(B, device=dev)[:, None], pos_BT] = valid_BT
-            S = int(pos_BT.max()) + 1
-            key_valid = cache.key_valid[:, :S]
-        causal = torch.arange(S, device=dev)[None, None, :] <= pos_BT[:, :, None]
-        mask_BTS = key_valid[:, None, :] & causal
+            key_valid, causal_offset = cache.key_valid, start  # every row's positions are <= start + t
 
         # jit makes the multiplier a bf16 constant (78.5) but multiplies the fp32 rows unrounded
         h = self.embed.weight[tokens].float() * as_dtype(cfg.embedding_multiplier, dt)
         for i, layer in enumerate(self.layers):
             ids = None if expert_ids is None else expert_ids[:, i]
-            h = layer(h, pos_BT, mask_BTS, cache, i, ids)
+            h = layer(h, pos_BT, key_valid, cache, i, ids, causal_offset)
         if cache is not None:
             cache.pos += T
-        return self.head(self.norm(h))
+        return self.head(self.norm(keep_positions(h, logits_to_keep)))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Tied LM head on the fp32 final-norm output: ``(x @ E^T) * output_multiplier``, returned in the activation dtype."""

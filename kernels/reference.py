@@ -21,7 +21,7 @@ import math
 
 import torch
 
-__all__ = ["route", "dequantize", "gelu_tanh", "gelu_constants", "moe_experts_reference", "moe_reference", "resolve_compute_dtype"]
+__all__ = ["route", "dequantize", "gelu_tanh", "gelu_constants", "int8_linear_reference", "moe_experts_reference", "moe_reference", "resolve_compute_dtype"]
 
 
 def resolve_compute_dtype(w: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -87,6 +87,22 @@ def dequantize(w: torch.Tensor, scales: torch.Tensor | None, compute_dtype: torc
     G = scales.shape[-2]
     w_full = (w.float().reshape(*lead, G, K // G, N) * scales.float().unsqueeze(-2)).reshape(w.shape)
     return w_full if compute_dtype == torch.float32 else w_full.to(compute_dtype)  # fp32: the exact product
+
+
+def int8_linear_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None, *,
+                          precision: str = "fp32", transpose: bool = False) -> torch.Tensor:
+    """``x @ deq(w)`` (or ``x @ deq(w)^T``) as fp32, the oracle of ``int8_linear_triton``.
+
+    precision "fp32": exact dequantisation, fp32 matmul. "bf16": x and the exactly dequantised matrix
+    rounded to bf16 each, then multiplied with fp32 accumulation (what the tensor-core kernel does).
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    wf = dequantize(w, scales, torch.float32)
+    xf = x.float()
+    if precision == "bf16":
+        wf, xf = wf.to(torch.bfloat16).float(), xf.to(torch.bfloat16).float()
+    return xf @ (wf.T if transpose else wf)
 
 
 def moe_experts_reference(

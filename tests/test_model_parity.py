@@ -48,8 +48,7 @@ def inputs(ref):
     valid = ref("valid_mask")
     N, T = tok.shape
     pos = torch.arange(T).expand(N, T)
-    mask = valid[:, None, :] & torch.tril(torch.ones(T, T, dtype=torch.bool))
-    return tok, valid, pos, mask
+    return tok, valid, pos
 
 
 # ---- end to end -------------------------------------------------------------------------------
@@ -57,7 +56,7 @@ def inputs(ref):
 @torch.no_grad()
 def test_fp32_logits_own_routing(model, ref):
     """SPEC §8.1: pure fp32 path, own routing, all six sequences incl. padded ones."""
-    tok, valid, _, _ = inputs(ref)
+    tok, valid, _ = inputs(ref)
     logits = model(FP32)(tok)
     want = ref("logits", FP32)
     mx, mean = diff(logits, want, valid)
@@ -71,7 +70,7 @@ def test_fp32_logits_own_routing(model, ref):
 @torch.no_grad()
 def test_bf16_logits_forced_routing(model, ref):
     """SPEC §8 step 3: reference expert choices forced -> mean |d| < 0.05, top-1 > 95 %."""
-    tok, valid, _, _ = inputs(ref)
+    tok, valid, _ = inputs(ref)
     ids = ref("router_topk_idx").long()                         # [N, L, T, k]
     logits = model(BF16)(tok, expert_ids=ids)
     want = ref("logits")
@@ -83,7 +82,7 @@ def test_bf16_logits_forced_routing(model, ref):
 @torch.no_grad()
 def test_bf16_logits_own_routing(model, ref):
     """Own routing: near-tie router decisions flip, so SPEC §8 quotes 0.073 / 85 % for an honest port."""
-    tok, valid, _, _ = inputs(ref)
+    tok, valid, _ = inputs(ref)
     logits = model(BF16)(tok)
     want = ref("logits")
     mx, mean = diff(logits, want, valid)
@@ -94,7 +93,7 @@ def test_bf16_logits_own_routing(model, ref):
 @torch.no_grad()
 def test_batched_rows_equal_batch_one(model, ref):
     """The official code runs each row as its own batch-1 forward; a batched row must equal it."""
-    tok, _, _, _ = inputs(ref)
+    tok, _, _ = inputs(ref)
     m = model(FP32)
     batched = m(tok)
     for i in (3, 4, 5):  # the padded rows
@@ -108,9 +107,9 @@ def test_batched_rows_equal_batch_one(model, ref):
 @torch.no_grad()
 def test_attention_block(model, ref, dtype, max_tol, mean_tol):
     """attn_in -> attn_out for every layer (bf16 bounds: SPEC §8's honest implementation)."""
-    _, valid, pos, mask = inputs(ref)
+    _, valid, pos = inputs(ref)
     m, a_in, want = model(dtype), ref("attn_in", dtype), ref("attn_out", dtype)
-    got = torch.stack([ly.attn(a_in[:, l], pos, mask) for l, ly in enumerate(m.layers)], 1).to(dtype)
+    got = torch.stack([ly.attn(a_in[:, l], pos, valid) for l, ly in enumerate(m.layers)], 1).to(dtype)
     mx, mean = diff(got, want, valid[:, None, :].expand_as(want[..., 0]))
     assert mx < max_tol and mean < mean_tol, f"max {mx:.3g} mean {mean:.3g}"
 
@@ -122,7 +121,7 @@ def bf16_ulp(x):
 @torch.no_grad()
 def test_moe_block_forced_fp32(model, ref):
     """fp32 moe_in -> moe_out (saved bf16-rounded): our exact fp32 output rounds to it."""
-    _, valid, _, _ = inputs(ref)
+    _, valid, _ = inputs(ref)
     m, x, want, ids = model(FP32), ref("moe_in", FP32), ref("moe_out", FP32), ref("router_topk_idx", FP32).long()
     N, L, T, D = x.shape
     got = torch.stack([ly.moe(x[:, l].reshape(N * T, D), ids[:, l].reshape(N * T, -1))[0].view(N, T, D)
@@ -139,7 +138,7 @@ def test_moe_block_forced_bf16(model, ref):
 
     Bounds: mean 1/3 bf16 ulp of the typical |moe_out| (~2: ulp 0.0156 -> 0.0026), max 2 ulp at 2.
     """
-    _, valid, _, _ = inputs(ref)
+    _, valid, _ = inputs(ref)
     m, x, want, ids = model(BF16), ref("moe_in"), ref("moe_out"), ref("router_topk_idx").long()
     N, L, T, D = x.shape
     got = torch.stack([ly.moe(x[:, l].reshape(N * T, D), ids[:, l].reshape(N * T, -1))[0].view(N, T, D)
@@ -173,11 +172,11 @@ def test_router_probs(model, ref, dtype, tol):
 @torch.no_grad()
 def test_decoder_layer(model, ref, dtype, max_tol, mean_tol, forced):
     """layer_out[l-1] -> layer_out[l] (emb_in for l=0); own routing skips tokens with router_margin < 1e-2."""
-    _, valid, pos, mask = inputs(ref)
+    _, valid, pos = inputs(ref)
     m = model(dtype)
     emb, lo, ids = ref("emb_in", dtype), ref("layer_out", dtype), ref("router_topk_idx", dtype).long()
     prev = torch.cat([emb[:, None], lo[:, :-1]], 1)
-    got = torch.stack([ly(prev[:, l], pos, mask, None, l, ids[:, l] if forced else None)
+    got = torch.stack([ly(prev[:, l], pos, valid, None, l, ids[:, l] if forced else None)
                        for l, ly in enumerate(m.layers)], 1).to(dtype)
     keep = valid[:, None, :].expand(lo.shape[:3])
     if not forced:
@@ -193,7 +192,7 @@ def test_checkpoint_formats(model, ref):
     """fp32 checkpoints hold the exact int8*scale products: in fp32 mode they give the int8 logits
     bit for bit. bf16 checkpoints round each weight once (the official Python dequantization); with
     the official routing forced they stay within SPEC §8's bounds."""
-    tok, valid, _, _ = inputs(ref)
+    tok, valid, _ = inputs(ref)
     assert torch.equal(model(FP32, "fp32")(tok), model(FP32, "int8")(tok))
     logits = model(BF16, "bf16")(tok, expert_ids=ref("router_topk_idx").long())
     want = ref("logits")
@@ -210,7 +209,7 @@ def test_fp32_checkpoint_in_bf16_mode_equals_int8(model, ref):
     so they are the exact int8*scale products the int8 path dequantizes to; experts follow the
     compute dtype in both. Own routing: logits bit for bit equal to the int8 checkpoint's.
     (Rounding them to bf16 dropped own-routing parity from 0.071 / 90 % to 0.208 / 66.5 %.)"""
-    tok, _, _, _ = inputs(ref)
+    tok, _, _ = inputs(ref)
     m = model(BF16, "fp32")
     for ly in m.layers:
         for w in (ly.attn.wq, ly.attn.wk, ly.attn.wv, ly.attn.wo):
@@ -234,7 +233,7 @@ def test_bf16_embedding_table_stays_bf16(converted, ref, tmp_path):
         if "embed.weight" in tensors:
             tensors["embed.weight"] = tensors["embed.weight"].to(BF16)
             save_file(tensors, shard, metadata={"format": "pt"})
-    tok, _, _, _ = inputs(ref)
+    tok, _, _ = inputs(ref)
     m = Grok.from_pretrained(d, dtype=BF16, impl="torch")
     assert m.embed.weight.dtype == BF16
     logits = m(tok)
@@ -248,7 +247,7 @@ def test_fp32_logits_on_the_triton_kernels(converted, ref):
     """The model's MoE on the Triton kernels (the interpreter on CPU; fp32, as it is wrong on bf16
     arithmetic) meets the same SPEC §8.1 bounds as the reference path: rows 0 (plain) and 4 (left-padded)."""
     rows = [0, 4]
-    tok, valid, _, _ = inputs(ref)
+    tok, valid, _ = inputs(ref)
     m = Grok.from_pretrained(converted("int8"), dtype=FP32, impl="triton")
     logits = m(tok[rows])
     want = ref("logits", FP32)[rows]
@@ -267,7 +266,7 @@ def test_bf16_on_gpu_with_triton_kernels(converted, ref, deterministic, monkeypa
     if not deterministic:  # route the model's MoE through the atomic-combine epilogue
         real = kernels.fused_moe
         monkeypatch.setattr(kernels, "fused_moe", lambda *a, **k: real(*a, deterministic=False, **k))
-    tok, valid, _, _ = inputs(ref)
+    tok, valid, _ = inputs(ref)
     m = Grok.from_pretrained(converted("int8"), dtype=BF16, device="cuda", impl="auto")
     want = ref("logits").cuda()
     valid = valid.cuda()

@@ -1,0 +1,250 @@
+"""Triton flash attention with Grok-1's attention semantics (soft cap, -1e30 mask, GQA, KV cache).
+
+    out = flash_attention_triton(q, k, v, q_pos, key_valid, scale=dh**-0.5, cap=30.0, precision="fp32")
+
+Semantics (the official Grok-1 attention, as math in fp32), for q [B, T, Hq, dh], k/v [B, S, Hkv, dh],
+G = Hq // Hkv (q head h reads kv head h // G: consecutive q heads share a kv head):
+
+    s[b,h,t,j] = (q[b,t,h] . k[b,j,h//G]) * scale
+    s          = cap * tanh(s / cap)                               soft cap (Grok-1: cap = 30)
+    visible    = key_valid[b,j] and j <= q_pos[b,t]
+    s          = where(visible, s, -1e30)                          -1e30, not -inf
+    o[b,t,h]   = sum_j softmax_j(s)[j] * v[b,j,h//G]               softmax over ALL j in [0, S)
+
+A row with no visible key (a left-padding query, or every key invalid) therefore attends uniformly to
+all S keys: o = mean over j < S of v. That is what the official code does, and it is reproduced.
+
+Design (Grok-1: Hq=48, Hkv=8, dh=128, S up to 8192; decode is T=1 with batch 1..8):
+  * Online softmax over BLOCK_N key blocks: running max m, running sum l and a [BLOCK_M, dh] fp32
+    accumulator per program; no [T, S] matrix ever exists. Workspace: O(BLOCK_M*dh + BLOCK_N*dh)
+    per program (registers / shared memory), independent of S; the output is the only tensor written.
+  * One program = one (batch, kv head) and a block of tokens, with ALL G q heads of that kv head as its
+    rows (row r = token r // G, q head kv*G + r % G; BLOCK_M // G tokens per program): every K/V block
+    is loaded once per group instead of G times. At decode (T=1) the M dimension of the dots is the
+    G=6 heads padded to 16, the smallest tile tl.dot takes.
+  * The key loop stops at the largest q_pos among the program's rows, read on the device: decode over a
+    large preallocated cache (k = cache_k[:, :S]) reads keys up to the current position only. Skipping
+    the keys beyond is exact: their score is -1e30, and exp(-1e30 - m) == 0 in fp32 for every row
+    that has a visible key (m >= -cap).
+  * The masked scores are exactly -1e30, as in the reference, and the running max starts at -1e30, so
+    a row that has seen no visible key yet weights each masked key by exp(0) = 1 (and drops all of it,
+    alpha = exp(-1e30 - m) = 0, at its first visible key). A row still without a visible key after the
+    loop (running max still -1e30) therefore holds the sum of V over the keys visited; a second loop,
+    taken only when some row of the program needs it (a runtime branch: free otherwise), adds the sum
+    of V over the keys not visited (to S) and their count: the uniform mean over all S keys, exactly
+    the reference's softmax of a constant row. Padding keys (j >= S: a block's tail) score -inf and
+    weigh 0 for every row.
+  * tanh is 2 * sigmoid(2x) - 1 (no libdevice, as grouped_gemm._gelu_tanh: runs in the interpreter
+    too); scale / cap is folded into one multiply.
+  * precision="fp32": both dots on fp32 operands with input_precision="ieee" (exact fp32, no tf32).
+    precision="bf16": q and k rounded to bf16 for QK^T, p and v rounded to bf16 for PV, fp32
+    accumulation and fp32 softmax (tensor cores).
+  * No host synchronisation: the wrapper checks shapes, dtypes and strides only, so it runs on the
+    `meta` device and under CUDA-graph capture. The kernel is launched through the module-level name
+    `_flash_attn_kernel`, which a recorder can replace (see aot.py `_recording`).
+
+Launch: grid (cdiv(T, BLOCK_M // G), Hkv, B), i.e. (token blocks, kv heads, batch); the positional
+arguments are the six tensors, T, S, 2*scale/cap, cap and the strides (every one of q, k, v, q_pos,
+key_valid, out but their last), then the constexprs G, DH, OPERAND, DOT_PRECISION, BLOCK_M, BLOCK_N
+and num_warps / num_stages from `attention_config`.
+
+Accuracy: fp32 agrees with a dense fp32 torch evaluation to a few 1e-6 of |v| (tanh through the
+sigmoid costs ~1e-7 absolute, i.e. ~cap * 1e-7 on a score: the same order as torch's own fp32 error
+against fp64).
+
+Not done: no split over keys (flash-decoding). At decode the grid is B * Hkv programs (8 for one
+sequence), each streaming its kv head's keys up to the position: fewer CTAs than an H100 has SMs,
+so one sequence cannot reach full HBM bandwidth. Tiles are untuned; nothing has run on a GPU yet.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Without a GPU Triton runs only in its interpreter, chosen when a kernel is defined (as in ops.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+__all__ = ["AttnConfig", "attention_config", "flash_attention_triton"]
+
+
+_KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PRECISIONS = {"fp32": (tl.float32, "ieee"), "bf16": (tl.bfloat16, "tf32")}  # (operand dtype, fp32 dot mode)
+
+
+@triton.jit
+def _flash_attn_kernel(
+    q_ptr,  # *float [B, T, Hq, dh] (last dim contiguous)
+    k_ptr,  # *float [B, S, Hkv, dh] (last dim contiguous; typically a view of a longer cache)
+    v_ptr,  # *float [B, S, Hkv, dh] (same)
+    pos_ptr,  # *int [B, T] absolute position of each query
+    valid_ptr,  # *bool [B, S] key_valid
+    o_ptr,  # *fp32 [B, T, Hq, dh] out
+    T,  # queries per sequence
+    S,  # keys per sequence (the softmax runs over all S)
+    tanh_scale,  # 2 * scale / cap: cap * tanh(qk * scale / cap) = cap * (2 * sigmoid(tanh_scale * qk) - 1)
+    cap,  # soft cap
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_pb, stride_pt,
+    stride_mb, stride_ms,
+    stride_ob, stride_ot, stride_oh,
+    G: tl.constexpr,  # q heads per kv head
+    DH: tl.constexpr,  # head dim (power of two >= 16)
+    OPERAND: tl.constexpr,  # dtype of the dot operands: fp32 (exact) or bf16 (tensor cores)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands; ignored by bf16 dots
+    BLOCK_M: tl.constexpr,  # rows per program: BLOCK_M // G tokens x G heads (the rest padding)
+    BLOCK_N: tl.constexpr,  # keys per step
+):
+    NEG: tl.constexpr = -1e30
+    TOK: tl.constexpr = BLOCK_M // G
+    kvh = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    r = tl.arange(0, BLOCK_M)
+    t = tl.program_id(0) * TOK + r // G
+    h = kvh * G + r % G
+    row_ok = (r < TOK * G) & (t < T)
+    d = tl.arange(0, DH)
+
+    q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0).to(OPERAND)
+    pos = tl.load(pos_ptr + b * stride_pb + t * stride_pt, mask=row_ok, other=-1)
+    pos = tl.minimum(tl.maximum(pos, -1), S - 1).to(tl.int32)  # visibility is unchanged: j in [0, S)
+    n_end = tl.max(pos, axis=0) + 1  # keys past every row's position are masked for all rows
+
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    valid_base = valid_ptr + b * stride_mb
+
+    m_i = tl.full([BLOCK_M], NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DH], tl.float32)
+    for start in range(0, n_end, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        in_s = j < S
+        kt = tl.load(k_base + j[None, :] * stride_ks + d[:, None], mask=in_s[None, :], other=0.0)  # [DH, BLOCK_N]
+        s = tl.dot(q, kt.to(OPERAND), input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        s = cap * (2.0 * tl.sigmoid(s * tanh_scale) - 1.0)
+        ok = tl.load(valid_base + j * stride_ms, mask=in_s, other=0) != 0
+        s = tl.where(ok[None, :] & (j[None, :] <= pos[:, None]), s, NEG)
+        s = tl.where(in_s[None, :], s, float("-inf"))  # a block's tail past S: weight 0 for every row
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite (>= -1e30): no inf - inf
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vb = tl.load(v_base + j[:, None] * stride_vs + d[None, :], mask=in_s[:, None], other=0.0)
+        acc = tl.dot(p.to(OPERAND), vb.to(OPERAND), acc * alpha[:, None], input_precision=DOT_PRECISION,
+                     out_dtype=tl.float32)
+        m_i = m_new
+
+    # Rows with no visible key so far hold sum(v) and the count over the keys visited: add the keys
+    # not visited (uniform weight 1 each) so that they end with the mean of V over all S keys.
+    needy = row_ok & (m_i == NEG)
+    if tl.max(needy.to(tl.int32), axis=0) > 0:
+        tail = tl.cdiv(n_end, BLOCK_N) * BLOCK_N
+        v_sum = tl.zeros([DH], tl.float32)
+        for start in range(tail, S, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            vb = tl.load(v_base + j[:, None] * stride_vs + d[None, :], mask=(j < S)[:, None], other=0.0)
+            v_sum += tl.sum(vb.to(OPERAND).to(tl.float32), axis=0)
+        acc = tl.where(needy[:, None], acc + v_sum[None, :], acc)
+        l_i = tl.where(needy, l_i + tl.maximum(S - tail, 0).to(tl.float32), l_i)
+
+    o = acc / tl.where(row_ok, l_i, 1.0)[:, None]
+    tl.store(o_ptr + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :], o,
+             mask=row_ok[:, None])
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Tile shape: BLOCK_M rows (tokens x G heads) per program, BLOCK_N keys per step."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def attention_config(T: int, G: int, dh: int, precision: str, kv_bytes: int) -> AttnConfig:
+    """Tiles from the row count (T * G: tokens x q heads of a kv head), the precision and the K/V
+    element size. bf16: decode (up to 64 rows) takes the smallest power-of-two M tile that holds the
+    rows (at least 16, tl.dot's minimum), prefill 128-row tiles with 8 warps (wgmma on sm_90). fp32
+    (exact FMA dots, a parity mode): narrow key steps; 16-bit K/V converted to fp32 in the loop need
+    one pipeline stage to fit in registers. Untuned guesses; every choice at Grok-1 shapes compiles
+    for sm_90 without register spills (checked by tests/test_flash_attention.py).
+    """
+    rows = T * G
+    if precision == "bf16":
+        if rows <= 64:
+            block_m = max(16, triton.next_power_of_2(rows))
+            return AttnConfig(block_m=block_m, block_n=64, num_warps=4, num_stages=3 if block_m == 16 else 2)
+        return AttnConfig(block_m=max(128, triton.next_power_of_2(G)), block_n=64 if dh <= 128 else 32,
+                          num_warps=8, num_stages=3)
+    if kv_bytes == 4 and rows <= 16:
+        return AttnConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
+    return AttnConfig(block_m=max(32, triton.next_power_of_2(G)), block_n=16, num_warps=4,
+                      num_stages=2 if kv_bytes == 4 else 1)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def flash_attention_triton(q, k, v, q_pos, key_valid, *, scale: float, cap: float,
+                           precision: str = "fp32") -> torch.Tensor:
+    """Grok-1 attention (see the module docstring) with one kernel launch; returns fp32 [B, T, Hq, dh].
+
+    q [B, T, Hq, dh] fp32/bf16; k, v [B, S, Hkv, dh] fp32/bf16/fp16 (views of a longer KV cache are
+    fine: every stride is passed, only the last dim must be contiguous); q_pos [B, T] int64/int32 on
+    the device; key_valid [B, S] bool. Hq % Hkv == 0; dh a power of two >= 16. No host sync.
+    """
+    _check(precision in _PRECISIONS, f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    _check(q.dim() == 4, f"q must be [B, T, Hq, dh], got {list(q.shape)}")
+    _check(k.dim() == 4, f"k must be [B, S, Hkv, dh], got {list(k.shape)}")
+    B, T, Hq, dh = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    _check(k.shape[0] == B and k.shape[3] == dh, f"k must be [B={B}, S, Hkv, dh={dh}], got {list(k.shape)}")
+    _check(tuple(v.shape) == tuple(k.shape), f"v must have k's shape {list(k.shape)}, got {list(v.shape)}")
+    _check(Hkv >= 1 and Hq % Hkv == 0, f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    _check(dh >= 16 and dh & (dh - 1) == 0, f"head dim (q.shape[3]) must be a power of two >= 16, got {dh}")
+    _check(S >= 1, "k must have at least one key (S >= 1)")
+    _check(q.dtype in (torch.float32, torch.bfloat16), f"q must be fp32 or bf16, got {q.dtype}")
+    _check(k.dtype in _KV_DTYPES, f"k must be fp32, bf16 or fp16, got {k.dtype}")
+    _check(v.dtype in _KV_DTYPES, f"v must be fp32, bf16 or fp16, got {v.dtype}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check(x.stride(3) == 1, f"{name} must be contiguous in its last dim, got strides {x.stride()}")
+    _check(tuple(q_pos.shape) == (B, T), f"q_pos must be [B={B}, T={T}], got {list(q_pos.shape)}")
+    _check(q_pos.dtype in (torch.int64, torch.int32), f"q_pos must be int64 or int32, got {q_pos.dtype}")
+    _check(tuple(key_valid.shape) == (B, S), f"key_valid must be [B={B}, S={S}], got {list(key_valid.shape)}")
+    _check(key_valid.dtype == torch.bool, f"key_valid must be bool, got {key_valid.dtype}")
+    for name, x in (("k", k), ("v", v), ("q_pos", q_pos), ("key_valid", key_valid)):
+        _check(x.device == q.device, f"{name} is on {x.device}, q on {q.device}")
+    _check(cap > 0 and cap != float("inf"), f"cap must be a finite positive float, got {cap}")
+
+    out = torch.empty(B, T, Hq, dh, dtype=torch.float32, device=q.device)
+    if B * T == 0:
+        return out
+    G = Hq // Hkv
+    cfg = attention_config(T, G, dh, precision, max(k.element_size(), v.element_size()))
+    operand, dot_precision = _PRECISIONS[precision]
+    grid = (triton.cdiv(T, cfg.block_m // G), Hkv, B)
+    _flash_attn_kernel[grid](
+        q, k, v, q_pos, key_valid, out, T, S, 2.0 * float(scale) / float(cap), float(cap),
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        q_pos.stride(0), q_pos.stride(1),
+        key_valid.stride(0), key_valid.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        G=G, DH=dh, OPERAND=operand, DOT_PRECISION=dot_precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

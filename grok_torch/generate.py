@@ -1,8 +1,10 @@
 """Batched generation with a preallocated KV cache (the official runner's scheme, SPEC §6).
 
-    prompts -> right-pad with 0 to the longest -> one prefill forward (pads are masked keys)
+    prompts -> right-pad with 0 to the longest -> prefill, ``prefill_chunk`` positions a forward
+               (pads are masked keys; only each row's last-token logits are computed)
             -> each row's cache position := its own prompt length (pad slots get overwritten)
-            -> decode: feed the last token of every row at its own RoPE position, one forward per step
+            -> decode: feed the last token of every row at its own RoPE position, one step per token
+               (a CUDA graph replay on one GPU, eager elsewhere: ``grok_torch.decode``)
 
 Every row therefore computes what a batch-1 run of it computes. Row b samples with its own
 ``torch.Generator`` seeded ``seed + b``, so a batched run equals one-by-one runs with those seeds.
@@ -16,6 +18,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from grok_torch.decode import DecodeStep, prefill
 from grok_torch.sampling import SampleSettings, sample
 
 __all__ = ["Generation", "stream", "generate", "encode_prompts"]
@@ -81,8 +84,14 @@ def encode_prompts(prompts: Union[Prompt, Sequence[Prompt]], tokenizer=None) -> 
 @torch.inference_mode()
 def stream(model, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int = 100, *,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
-           stop_at_eos: bool = True, tokenizer=None) -> Iterator[List[Optional[int]]]:
-    """Yield, per decode step, one new token id per row (None for rows that already stopped)."""
+           stop_at_eos: bool = True, tokenizer=None, prefill_chunk: Optional[int] = 2048,
+           cuda_graph: Optional[bool] = None) -> Iterator[List[Optional[int]]]:
+    """Yield, per decode step, one new token id per row (None for rows that already stopped).
+
+    prefill_chunk: prompt positions per prefill forward (None: the whole prompt at once); bounds a
+    long prompt's activations. cuda_graph: capture the decode step in a CUDA graph (None: whenever
+    the model is on one GPU with the Triton kernels; see ``grok_torch.decode.DecodeStep``).
+    """
     settings = SampleSettings(temperature, top_p, top_k)
     ids = encode_prompts(prompts, tokenizer)
     cfg = model.config
@@ -113,35 +122,37 @@ def stream(model, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int 
     cache = model.new_cache(B, max_len=needed)
     length_t = torch.tensor(lengths, device=device)
 
-    logits = model(tokens, cache)                       # prefill
-    cache.pos.copy_(length_t)                           # each row continues after its own prompt
-    last = logits[torch.arange(B, device=device), length_t - 1]
+    last = prefill(model, tokens, length_t, cache, prefill_chunk)
+    step_fn = None  # made (and captured) at the first decode step
     done = [False] * B
     for step in range(max_new_tokens):
         nxt = sample(last, settings, gens)
+        ids_now = nxt.tolist()  # the one host read per token: the ids this step yields
         out: List[Optional[int]] = []
         for b in range(B):
-            out.append(None if done[b] else int(nxt[b]))
-            if stop_at_eos and not done[b] and int(nxt[b]) == cfg.eos_token_id:
+            out.append(None if done[b] else ids_now[b])
+            if stop_at_eos and not done[b] and ids_now[b] == cfg.eos_token_id:
                 done[b] = True
         yield out
         if all(done) or step == max_new_tokens - 1:
             return
-        last = model(nxt[:, None], cache)[:, -1]
+        step_fn = step_fn or DecodeStep(model, cache, cuda_graph)
+        last = step_fn(nxt)
 
 
 def generate(model, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int = 100, *,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
-             stop_at_eos: bool = True, tokenizer=None) -> List[Generation]:
+             stop_at_eos: bool = True, tokenizer=None, prefill_chunk: Optional[int] = 2048,
+             cuda_graph: Optional[bool] = None) -> List[Generation]:
     """Generate for a batch of prompts (text needs ``tokenizer``); returns one Generation per prompt.
 
     temperature 0 is greedy; top_p uses the official rule (ties at the threshold kept); EOS is kept
-    in ``tokens`` and ends the row when ``stop_at_eos``.
+    in ``tokens`` and ends the row when ``stop_at_eos``. prefill_chunk and cuda_graph: see ``stream``.
     """
     ids = encode_prompts(prompts, tokenizer)
     results = [Generation(prompt=p) for p in ids]
     for step in stream(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                       seed=seed, stop_at_eos=stop_at_eos):
+                       seed=seed, stop_at_eos=stop_at_eos, prefill_chunk=prefill_chunk, cuda_graph=cuda_graph):
         for r, t in zip(results, step):
             if t is not None:
                 r.tokens.append(t)

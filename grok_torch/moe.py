@@ -40,6 +40,9 @@ class RoutedMoE(nn.Module):
     ``MoE`` (one device), ``grok_torch.parallel``'s ``ShardedMoE`` and ``ExpertParallelMoE``.
     """
 
+    # whether a CUDA graph can hold this block's forward (no host synchronisation, no collectives)
+    capturable = True
+
     def __init__(self, cfg: GrokConfig, dtype: torch.dtype):
         super().__init__()
         self.router = Router(cfg.d_model, cfg.num_experts)

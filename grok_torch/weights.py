@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from grok_torch.kernels import resolve_impl
-from grok_torch.kernels.reference import dequantize, int8_linear_reference  # one dequantization for attention and experts
+from grok_torch.kernels.reference import dequantize, linear_reference  # one dequantization for attention and experts
 
 __all__ = ["Weight", "SUPPORTED_DTYPES", "linear"]
 
@@ -79,7 +79,7 @@ def _matmul(x, w, scales, precision, impl, transpose=False):
         from grok_torch.kernels.int8_linear import int8_linear_triton
 
         return int8_linear_triton(x, w, scales, precision=precision, transpose=transpose)
-    return int8_linear_reference(x, w, scales, precision=precision, transpose=transpose)
+    return linear_reference(x, w, scales, precision=precision, transpose=transpose)
 
 
 class _Linear(torch.autograd.Function):

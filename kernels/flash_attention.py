@@ -96,7 +96,8 @@ def _flash_attn_kernel(
     stride_mb, stride_ms,
     stride_ob, stride_ot, stride_oh,
     G: tl.constexpr,  # q heads per kv head
-    DH: tl.constexpr,  # head dim (power of two >= 16)
+    HEAD_DIM: tl.constexpr,  # head dim
+    DH: tl.constexpr,  # HEAD_DIM padded to a power of two >= 16 (tl.dot's minimum; zero lanes)
     OPERAND: tl.constexpr,  # dtype of the dot operands: fp32 (exact) or bf16 (tensor cores)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands; ignored by bf16 dots
     BLOCK_M: tl.constexpr,  # rows per program: BLOCK_M // G tokens x G heads (the rest padding)
@@ -112,9 +113,10 @@ def _flash_attn_kernel(
     h = kvh * G + r % G
     row_ok = (r < TOK * G) & (t < T)
     d = tl.arange(0, DH)
+    d_ok = d < HEAD_DIM  # folds to all-true when DH == HEAD_DIM
 
     q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0).to(OPERAND)
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(OPERAND)
     pos = tl.load(pos_ptr + b * stride_pb + t * stride_pt, mask=row_ok, other=-1)
     pos = tl.minimum(tl.maximum(pos, -1), S - 1).to(tl.int32)  # visibility is unchanged: j in [0, S)
     n_end = tl.max(pos, axis=0) + 1  # keys past every row's position are masked for all rows
@@ -129,7 +131,7 @@ def _flash_attn_kernel(
     for start in range(0, n_end, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         in_s = j < S
-        kt = tl.load(k_base + j[None, :] * stride_ks + d[:, None], mask=in_s[None, :], other=0.0)  # [DH, BLOCK_N]
+        kt = tl.load(k_base + j[None, :] * stride_ks + d[:, None], mask=in_s[None, :] & d_ok[:, None], other=0.0)  # [DH, BLOCK_N]
         s = tl.dot(q, kt.to(OPERAND), input_precision=DOT_PRECISION, out_dtype=tl.float32)
         s = cap * (2.0 * tl.sigmoid(s * tanh_scale) - 1.0)
         ok = tl.load(valid_base + j * stride_ms, mask=in_s, other=0) != 0
@@ -139,7 +141,7 @@ def _flash_attn_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vb = tl.load(v_base + j[:, None] * stride_vs + d[None, :], mask=in_s[:, None], other=0.0)
+        vb = tl.load(v_base + j[:, None] * stride_vs + d[None, :], mask=in_s[:, None] & d_ok[None, :], other=0.0)
         acc = tl.dot(p.to(OPERAND), vb.to(OPERAND), acc * alpha[:, None], input_precision=DOT_PRECISION,
                      out_dtype=tl.float32)
         m_i = m_new
@@ -152,14 +154,15 @@ def _flash_attn_kernel(
         v_sum = tl.zeros([DH], tl.float32)
         for start in range(tail, S, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
-            vb = tl.load(v_base + j[:, None] * stride_vs + d[None, :], mask=(j < S)[:, None], other=0.0)
+            vb = tl.load(v_base + j[:, None] * stride_vs + d[None, :], mask=(j < S)[:, None] & d_ok[None, :],
+                         other=0.0)
             v_sum += tl.sum(vb.to(OPERAND).to(tl.float32), axis=0)
         acc = tl.where(needy[:, None], acc + v_sum[None, :], acc)
         l_i = tl.where(needy, l_i + tl.maximum(S - tail, 0).to(tl.float32), l_i)
 
     o = acc / tl.where(row_ok, l_i, 1.0)[:, None]
     tl.store(o_ptr + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :], o,
-             mask=row_ok[:, None])
+             mask=row_ok[:, None] & d_ok[None, :])
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,8 @@ def flash_attention_triton(q, k, v, q_pos, key_valid, *, scale: float, cap: floa
 
     q [B, T, Hq, dh] fp32/bf16; k, v [B, S, Hkv, dh] fp32/bf16/fp16 (views of a longer KV cache are
     fine: every stride is passed, only the last dim must be contiguous); q_pos [B, T] int64/int32 on
-    the device; key_valid [B, S] bool. Hq % Hkv == 0; dh a power of two >= 16. No host sync.
+    the device; key_valid [B, S] bool. Hq % Hkv == 0; dh <= 256 (padded to a power of two >= 16 in
+    registers). No host sync.
     """
     _check(precision in _PRECISIONS, f"precision must be 'fp32' or 'bf16', got {precision!r}")
     _check(q.dim() == 4, f"q must be [B, T, Hq, dh], got {list(q.shape)}")
@@ -214,7 +218,7 @@ def flash_attention_triton(q, k, v, q_pos, key_valid, *, scale: float, cap: floa
     _check(k.shape[0] == B and k.shape[3] == dh, f"k must be [B={B}, S, Hkv, dh={dh}], got {list(k.shape)}")
     _check(tuple(v.shape) == tuple(k.shape), f"v must have k's shape {list(k.shape)}, got {list(v.shape)}")
     _check(Hkv >= 1 and Hq % Hkv == 0, f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
-    _check(dh >= 16 and dh & (dh - 1) == 0, f"head dim (q.shape[3]) must be a power of two >= 16, got {dh}")
+    _check(1 <= dh <= 256, f"head dim (q.shape[3]) must be in [1, 256], got {dh}")
     _check(S >= 1, "k must have at least one key (S >= 1)")
     _check(q.dtype in (torch.float32, torch.bfloat16), f"q must be fp32 or bf16, got {q.dtype}")
     _check(k.dtype in _KV_DTYPES, f"k must be fp32, bf16 or fp16, got {k.dtype}")
@@ -244,7 +248,8 @@ def flash_attention_triton(q, k, v, q_pos, key_valid, *, scale: float, cap: floa
         q_pos.stride(0), q_pos.stride(1),
         key_valid.stride(0), key_valid.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        G=G, DH=dh, OPERAND=operand, DOT_PRECISION=dot_precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        G=G, HEAD_DIM=dh, DH=max(16, triton.next_power_of_2(dh)), OPERAND=operand, DOT_PRECISION=dot_precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

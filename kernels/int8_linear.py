@@ -61,7 +61,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .reference import dequantize  # noqa: E402
+from .reference import linear_reference  # noqa: E402
 
 __all__ = ["int8_linear_reference", "int8_linear_triton", "int8_linear_config", "Int8LinearConfig"]
 
@@ -266,11 +266,7 @@ def int8_linear_reference(x, w, scales=None, *, precision="fp32", transpose=Fals
     with x and the exact weight rounded to bf16 first when ``precision="bf16"``. Makes the fp32 copy
     of the weight that the kernel avoids."""
     _check_args(x, w, scales, precision, transpose)
-    wd = dequantize(w, scales, torch.float32)
-    xa = x.float()
-    if precision == "bf16":
-        xa, wd = xa.bfloat16().float(), wd.bfloat16().float()
-    return xa @ (wd.t() if transpose else wd)
+    return linear_reference(x, w, scales, precision=precision, transpose=transpose)
 
 
 def int8_linear_triton(x, w, scales=None, *, precision="fp32", transpose=False) -> torch.Tensor:

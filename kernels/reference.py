@@ -21,7 +21,7 @@ import math
 
 import torch
 
-__all__ = ["route", "dequantize", "gelu_tanh", "gelu_constants", "int8_linear_reference", "moe_experts_reference", "moe_reference", "resolve_compute_dtype"]
+__all__ = ["route", "dequantize", "gelu_tanh", "gelu_constants", "linear_reference", "moe_experts_reference", "moe_reference", "resolve_compute_dtype"]
 
 
 def resolve_compute_dtype(w: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -89,9 +89,10 @@ def dequantize(w: torch.Tensor, scales: torch.Tensor | None, compute_dtype: torc
     return w_full if compute_dtype == torch.float32 else w_full.to(compute_dtype)  # fp32: the exact product
 
 
-def int8_linear_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None, *,
+def linear_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None, *,
                           precision: str = "fp32", transpose: bool = False) -> torch.Tensor:
-    """``x @ deq(w)`` (or ``x @ deq(w)^T``) as fp32, the oracle of ``int8_linear_triton``.
+    """``x @ deq(w)`` (or ``x @ deq(w)^T``) as fp32, the oracle of ``int8_linear_triton`` (no argument checks:
+    ``int8_linear.int8_linear_reference`` is the checked entry; the model calls this one, without Triton).
 
     precision "fp32": exact dequantisation, fp32 matmul. "bf16": x and the exactly dequantised matrix
     rounded to bf16 each, then multiplied with fp32 accumulation (what the tensor-core kernel does).

@@ -116,6 +116,8 @@ CASES = [
     (2, 9, 8, 2, 16, 30, "interior", 0.25, "G=4 (a power of two)"),
     (5, 1, 6, 2, 16, 37, "decode", 0.25, "decode: a position per sequence, one at -1, one with no valid key"),
     (4, 3, 3, 1, 32, 35, "decode", 0.2, "speculative T=3, G=3 = all heads on one kv head"),
+    (2, 19, 4, 2, 8, 19, "left-pad", 0.3, "dh=8 (the tiny model's), padded to 16 lanes in registers"),
+    (5, 1, 6, 2, 24, 29, "decode", 0.2, "dh=24, not a power of two"),
     (2, 17, 6, 2, 16, 17, "left-pad", 4.0, "cap active: |s| up to ~2x the cap before it"),
 ]
 CASE_IDS = [f"B{c[0]}-T{c[1]}-Hq{c[2]}-Hkv{c[3]}-dh{c[4]}-S{c[5]}-{c[6]}-x{c[7]}" for c in CASES]
@@ -231,7 +233,7 @@ def test_tile_configs():
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(q=torch.zeros(1, 2, 6, 24), k=torch.zeros(1, 9, 2, 24), v=torch.zeros(1, 9, 2, 24)), "power of two"),
+        (dict(q=torch.zeros(1, 2, 6, 264), k=torch.zeros(1, 9, 2, 264), v=torch.zeros(1, 9, 2, 264)), r"\[1, 256\]"),
         (dict(q=torch.zeros(1, 2, 5, 16)), "multiple"),
         (dict(q=torch.zeros(1, 2, 6, 16, dtype=torch.float16)), "q must be fp32 or bf16"),
         (dict(k=torch.zeros(1, 16, 2, 9).permute(0, 3, 2, 1)), "k must be contiguous in its last dim"),

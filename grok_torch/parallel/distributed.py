@@ -166,6 +166,8 @@ class ExpertParallelMoE(RoutedMoE):
     order: it runs collectives on ``process_group``.
     """
 
+    capturable = False  # the all_to_all exchange reads the row counts on the host; NCCL calls
+
     def __init__(self, cfg: GrokConfig, dtype: torch.dtype, quantized: bool, spec: ShardSpec, *, split: str,
                  rank: int, world: int, process_group=None, layer: int = 0):
         super().__init__(cfg, dtype)

@@ -57,7 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
                    help="under torchrun: seconds a collective waits for the other ranks before failing (default 300)")
     p.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto",
-                   help="MoE kernels: triton on CUDA / the PyTorch reference elsewhere (auto, default), or forced")
+                   help="kernels (MoE, attention, attention projections): triton on CUDA / the PyTorch reference "
+                   "elsewhere (auto, default), or forced")
+    p.add_argument("--attn-precision", choices=("fp32", "bf16"), default="fp32",
+                   help="attention math: fp32 (default, faithful: exact int8 weights, fp32 products) or bf16 "
+                   "(bf16 operands, fp32 accumulation: tensor cores on a GPU; within SPEC 8's bf16 bounds)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, metavar="N",
+                   help="prompt positions per prefill forward: bounds a long prompt's activations (default 2048; "
+                   "0 = the whole prompt at once)")
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                   help="capture the decode step in a CUDA graph: auto (default: when the model is on one GPU "
+                   "with the Triton kernels), on (fail if it cannot), off (eager)")
     return p
 
 
@@ -158,6 +168,7 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
          ) -> int:
     import torch
 
+    from grok_torch.decode import graph_blocker
     from grok_torch.generate import stream
     from grok_torch.model import Grok
     from grok_torch.sampling import SampleSettings
@@ -169,6 +180,8 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
         if os.path.exists(args.model) and not os.path.isdir(args.model):
             raise ValueError(f"--model {args.model} is not a directory (pass the directory written by grok-convert)")
         SampleSettings(args.temperature, args.top_p, args.top_k)  # bad settings fail before the model loads
+        if args.prefill_chunk < 0:
+            raise ValueError(f"--prefill-chunk must be >= 0 (0 = the whole prompt at once), got {args.prefill_chunk}")
         tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
         tokenizer = Tokenizer(tok_path) if (args.tokenizer or os.path.exists(tok_path)) else None
         if args.prompt is not None and tokenizer is None:
@@ -183,6 +196,10 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
             model = Grok.from_pretrained(args.model, dtype=dtype, device_map=args.device_map, impl=args.impl)
         else:
             model = Grok.from_pretrained(args.model, dtype=dtype, device=args.device or "cpu", impl=args.impl)
+        model.attn_precision = args.attn_precision
+        if args.cuda_graph == "on" and graph_blocker(model):
+            raise ValueError(f"--cuda-graph on: the decode step cannot be captured: {graph_blocker(model)} "
+                             f"(use --cuda-graph auto or off)")
         prompt = tokenizer.encode(args.prompt) if args.prompt is not None else args.prompt_ids
     except (ValueError, TypeError, OSError, RuntimeError) as e:  # RuntimeError: e.g. out of memory
         if rank is None:
@@ -192,7 +209,9 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
         _agree(failure, "loading", rank)
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
     steps = stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed, stop_at_eos=not args.no_stop)
+                   top_k=args.top_k, seed=args.seed, stop_at_eos=not args.no_stop,
+                   prefill_chunk=args.prefill_chunk or None,
+                   cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph])
     first = True
     for step in steps:
         t = step[0]

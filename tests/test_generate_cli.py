@@ -176,3 +176,18 @@ def test_torchrun_refusals_before_the_process_group(converted, capsys, monkeypat
     monkeypatch.setenv("RANK", "1")
     line = _fails(capsys, _ids(converted("int8"), *extra), needle)
     assert line.startswith("grok-generate: rank 1: ")
+
+
+def test_inference_flags(converted, capsys):
+    """--prefill-chunk changes nothing greedy decoding can see; --attn-precision bf16 runs; --cuda-graph
+    on refuses (one line, naming the flag) where the step cannot be captured; bad values name the flag."""
+    argv = ["--model", str(converted("int8")), "--prompt-ids", "25,376,378,9,11", "--max-new-tokens", "5",
+            "--temperature", "0"]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    assert main(argv + ["--prefill-chunk", "2"]) == 0
+    assert capsys.readouterr().out == want
+    assert main(argv + ["--attn-precision", "bf16", "--cuda-graph", "off"]) == 0
+    assert len(capsys.readouterr().out.strip().split(",")) == 5
+    _fails(capsys, argv + ["--cuda-graph", "on"], "--cuda-graph on", "not on one CUDA device")
+    _fails(capsys, argv + ["--prefill-chunk", "-3"], "--prefill-chunk")

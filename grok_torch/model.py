@@ -79,7 +79,10 @@ class KVCache:
     ``pos[b]`` is the next write position of row b; rows advance independently, so prompts of
     different lengths decode together (each at its own RoPE position, like the official runner).
     ``k[i]`` / ``v[i]`` live on ``layer_devices[i]`` (default ``device``): a placed model keeps each
-    layer's cache beside the layer; ``key_valid`` and ``pos`` stay on ``device``.
+    layer's cache beside the layer; ``key_valid`` and ``pos`` stay on ``device``. Attention reads the
+    whole preallocated cache in place (its dtype, never an fp32 copy), slots past a row's position
+    being invisible to it, so a decode step's shapes do not grow with the tokens (as in the official
+    runner's memory; a query with no visible key averages over all ``max_len`` slots there too).
     """
 
     def __init__(self, cfg: GrokConfig, batch: int, max_len: int, dtype: torch.dtype, device=None,

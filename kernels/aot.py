@@ -1,30 +1,52 @@
-"""Ahead-of-time compilation of the MoE kernels, exactly as fused_moe launches them, without a GPU.
+"""Ahead-of-time compilation of the Triton kernels, exactly as the model launches them, without a GPU.
 
-    python -m grok_torch.kernels.aot            # the release path (int8 + bf16, inference), every tile regime
-    python -m grok_torch.kernels.aot --full     # every variant fused_moe can launch (dtypes, atomics, training)
+    python -m grok_torch.kernels.aot            # the release path, every tile regime (see below)
+    python -m grok_torch.kernels.aot --full     # every variant the wrappers can launch at Grok-1 shapes
     python -m grok_torch.kernels.aot --table    # the same as a table instead of JSON lines
     python -m grok_torch.kernels.aot --arch 80  # another target (default sm_90, the H100)
+    python -m grok_torch.kernels.aot --only attn,linear   # some kinds only: moe, linear, attn
 
-The variants are not a hand-kept list: `record_launches` runs `fused_moe_triton` (and, for training
-scenarios, its backward) at Grok-1 shapes on the `meta` device with the kernel objects swapped for
-recorders, so every launch the wrappers make (tile config, flags, dtypes, grid) is captured without
-touching memory. Each launch is then specialised the way Triton's JIT specialises it at run time
-(integer arguments equal to 1 become constants, multiples of 16 and pointers get a divisibility hint):
-a compile without that, as a hand-written signature gives, is a different and much worse kernel
-(it cannot vectorise along unit strides and spills registers), so it would check the wrong thing.
+Three kinds of scenario, at Grok-1 shapes (d_model 6144; 48 q heads over 8 kv heads of 128):
+  * moe: `fused_moe_triton` (routing, grouped GEMMs, combine; backward when training), F = 32768 and
+    4096. Release: int8 weights, bf16 compute, inference. --full: bf16/fp16/fp32, int8 and float
+    weights, the atomic combine, LoRA (x grads) and full training (weight grads).
+  * linear: `int8_linear_triton` for the four attention projections wq, wk, wv (6144 -> 6144, 1024,
+    1024) and wo (6144 -> 6144), int8 with the release K groups (1, 1, 1, 8), fp32 x (as the model
+    passes it), at each token count of TOKENS, precision fp32 (the model's default) and bf16.
+    --full adds 8 tokens (decode with 8 sequences) and transpose=True (grad_input, for training).
+  * attn: `flash_attention_triton`, fp32 q (as the model passes it): decode (T=1) over the whole
+    preallocated bf16 KV cache (S=8192), prefill T=512/2048/8192 over it, precision fp32 and bf16.
+    --full adds fp32 and fp16 caches, speculative decode (T=4, 8), and prefill without a cache (fp32
+    K/V of the T tokens themselves, S = T).
+
+The variants are not a hand-kept list: `record_launches` runs the wrappers on the `meta` device with
+the kernel objects (in ops.py, flash_attention.py, int8_linear.py) swapped for recorders, so every
+launch they make (tile config, flags, dtypes, grid) is captured without touching memory. Each launch
+is then specialised the way Triton's JIT specialises it at run time (integer arguments equal to 1
+become constants, multiples of 16 and pointers get a divisibility hint): a compile without that, as a
+hand-written signature gives, is a different and much worse kernel (it cannot vectorise along unit
+strides and spills registers), so it would check the wrong thing. Scenarios that launch the same
+specialisation share one variant: the MoE variants are named by role and tile, the attention and
+linear ones by the first scenario that launches them (`attn-decode-S8192-bf16cache-fp32`,
+`linear-wq-T1-fp32`; `-dx` is the transposed grad_input product), with the number of scenarios each
+serves in the output.
 
 For each distinct variant it reports (JSON lines, or a table): compile seconds; the tensor-core
 instructions in the PTX (`wgmma` on sm_90, `mma` on sm_80); atomic adds (`red`/`atom ... .add`: only
-the deterministic=False down GEMM, EPILOGUE 3, may have any); and from the cubin (`cuobjdump
+the deterministic=False MoE down GEMM, EPILOGUE 3, may have any); and from the cubin (`cuobjdump
 --dump-resource-usage`, shipped with Triton) registers per thread, spilled bytes (stack + local),
-shared memory per CTA and the CTAs per SM those allow on an H100-class SM. tests/test_kernels_aot.py
-checks all of it in a subprocess with the interpreter off, because TRITON_INTERPRET (set on CPU-only
-machines) makes `triton.jit` return interpreter objects that cannot be compiled.
+shared memory per CTA and the CTAs per SM those allow on an H100-class SM. `is_gemm` marks the
+kernels built on tl.dot (the MoE GEMMs, the int8 linear, attention) and `cdtype` their operand dtype:
+the 16-bit ones must use tensor cores, the fp32 ones none (exact fp32, input_precision="ieee").
+tests/test_kernels_aot.py checks all of it in a subprocess with the interpreter off, because
+TRITON_INTERPRET (set on CPU-only machines) makes `triton.jit` return interpreter objects that cannot
+be compiled.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -41,10 +63,25 @@ FFN_SIZES = (32768, 4096)
 # padding count differs), small, medium, prefill. Kept in step with gemm_config by the test.
 TOKENS = (1, 64, 256, 2048, 4096)
 
+# Grok-1's attention sublayer (grok_torch/config.py CONFIGS["grok-1"] and QUANT_GROUPS; the test checks).
+ATTN = dict(D=6144, Hq=48, Hkv=8, dh=128, max_len=8192, scale=128 ** -0.5, cap=30.0)
+# projection: (K, N, G) of the released [in, out] int8 weight and its K groups
+PROJECTIONS = {"wq": (6144, 6144, 1), "wk": (6144, 1024, 1), "wv": (6144, 1024, 1), "wo": (6144, 6144, 8)}
+PREFILL = (512, 2048, 8192)  # attention prefill lengths; decode is T=1 (and 4, 8 speculative: --full)
+KINDS = ("moe", "linear", "attn")
+
 # sm_90 per-SM limits (CUDA occupancy rules) for the CTAs-per-SM figure.
 SM90 = dict(regs=65536, smem=233472, smem_per_cta_max=232448, smem_reserved=1024, warps=64, ctas=32)
 
-_KERNELS = ("_router_topk_kernel", "_align_kernel", "_moe_gemm_kernel", "_combine_kernel", "_moe_wgrad_kernel")
+# module -> the kernel objects its wrappers launch through (swapped for recorders while recording)
+_KERNELS = {
+    "ops": ("_router_topk_kernel", "_align_kernel", "_moe_gemm_kernel", "_combine_kernel", "_moe_wgrad_kernel"),
+    "flash_attention": ("_flash_attn_kernel",),
+    "int8_linear": ("_int8_linear_kernel", "_int8_linear_reduce_kernel"),
+}
+# where each kernel is defined (the JITFunction to compile)
+_DEFINED_IN = ("grouped_gemm", "routing", "flash_attention", "int8_linear")
+_DOT_KERNELS = ("_moe_gemm_kernel", "_moe_wgrad_kernel", "_int8_linear_kernel", "_flash_attn_kernel")
 
 
 @dataclass(frozen=True)
@@ -65,18 +102,70 @@ class Scenario:
         return f"T{self.T}-F{self.F}-{self.compute}-{self.weights}{det}{tr}"
 
 
-def scenarios(full: bool = False) -> list[Scenario]:
-    """The release path (int8 weights, bf16 compute, inference) for every regime; full: every mode."""
-    if not full:
-        return [Scenario(T, F) for F in FFN_SIZES for T in TOKENS]
-    out = []
-    for F in FFN_SIZES:
-        for T in TOKENS:
-            for cd in ("bf16", "fp16", "fp32"):
-                for w in ("int8", "float"):
-                    for det in (True, False):
-                        for train in ("none", "x") + (("weights",) if w == "float" else ()):
-                            out.append(Scenario(T, F, cd, w, det, train))
+@dataclass(frozen=True)
+class LinearScenario:
+    """One int8_linear_triton call of an attention projection: x [T, in] fp32 @ deq(w) (or @ deq(w)^T)."""
+
+    proj: str  # wq | wk | wv | wo (PROJECTIONS)
+    T: int  # tokens: rows of x
+    precision: str = "fp32"  # fp32 (the model's default) | bf16
+    transpose: bool = False  # the backward's grad_input: dy [T, out] @ deq(w)^T
+
+    @property
+    def name(self) -> str:
+        return f"linear-{self.proj}-T{self.T}-{self.precision}" + ("-dx" if self.transpose else "")
+
+
+@dataclass(frozen=True)
+class AttnScenario:
+    """One flash_attention_triton call of the model: one sequence, T queries (fp32, as the model gives them)."""
+
+    T: int
+    kv: str = "bf16cache"  # bf16cache | fp32cache | fp16cache: the whole preallocated cache (S = max_len);
+    #                        fp32kv: no cache, the T tokens' own fp32 K/V (S = T)
+    precision: str = "fp32"  # fp32 (the model's default) | bf16
+
+    @property
+    def S(self) -> int:
+        return self.T if self.kv == "fp32kv" else ATTN["max_len"]
+
+    @property
+    def name(self) -> str:
+        if self.T <= 8:  # decode: one token (a few when speculating) over the cache
+            step = "decode" + ("" if self.T == 1 else f"-T{self.T}")
+        else:
+            step = f"prefill-T{self.T}"
+        return f"attn-{step}-S{self.S}-{self.kv}-{self.precision}"
+
+
+def _kind(sc) -> str:
+    return {Scenario: "moe", LinearScenario: "linear", AttnScenario: "attn"}[type(sc)]
+
+
+def scenarios(full: bool = False, kinds: tuple = KINDS) -> list:
+    """The release path of each kind (see the module docstring); full: every mode."""
+    out: list = []
+    precs = ("fp32", "bf16")
+    if "moe" in kinds:
+        if not full:
+            out += [Scenario(T, F) for F in FFN_SIZES for T in TOKENS]
+        else:
+            for F in FFN_SIZES:
+                for T in TOKENS:
+                    for cd in ("bf16", "fp16", "fp32"):
+                        for w in ("int8", "float"):
+                            for det in (True, False):
+                                for train in ("none", "x") + (("weights",) if w == "float" else ()):
+                                    out.append(Scenario(T, F, cd, w, det, train))
+    if "linear" in kinds:
+        tokens = sorted(TOKENS + (8,)) if full else TOKENS
+        out += [LinearScenario(p, T, prec, tr) for tr in ((False, True) if full else (False,))
+                for p in PROJECTIONS for T in tokens for prec in precs]
+    if "attn" in kinds:
+        caches = ("bf16cache", "fp32cache", "fp16cache") if full else ("bf16cache",)
+        out += [AttnScenario(T, kv, prec) for T in ((1, 4, 8) if full else (1,)) for kv in caches for prec in precs]
+        out += [AttnScenario(T, kv, prec) for T in PREFILL for kv in caches + (("fp32kv",) if full else ())
+                for prec in precs]
     return out
 
 
@@ -108,24 +197,31 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(log):
-    from . import ops
-
-    saved = {name: getattr(ops, name) for name in _KERNELS}
+    """Every kernel object the wrappers launch through (MoE, attention, int8 linear) replaced by a recorder."""
+    saved = [(importlib.import_module(f"{__package__}.{mod}"), name) for mod, names in _KERNELS.items()
+             for name in names]
+    saved = [(m, name, getattr(m, name)) for m, name in saved]
     try:
-        for name, fn in saved.items():
-            setattr(ops, name, _Recorder(fn, log))
+        for m, name, fn in saved:
+            setattr(m, name, _Recorder(fn, log))
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(ops, name, fn)
+        for m, name, fn in saved:
+            setattr(m, name, fn)
 
 
-def record_launches(sc: Scenario) -> list:
-    """Every kernel launch of fused_moe_triton (forward, and backward when training) for a scenario.
-
-    Runs on the meta device: shapes, strides and dtypes are real, no memory is touched, nothing runs.
-    Returns [(jit_function, grid, args, kwargs)] in launch order.
+def record_launches(sc) -> list:
+    """Every kernel launch of one scenario (MoE: forward, and backward when training; linear and
+    attention: the one call), on the meta device: shapes, strides and dtypes are real, no memory is
+    touched, nothing runs. Returns [(jit_function, grid, args, kwargs)] in launch order.
     """
+    log: list = []
+    with _recording(log):
+        {"moe": _run_moe, "linear": _run_linear, "attn": _run_attn}[_kind(sc)](sc)
+    return log
+
+
+def _run_moe(sc: Scenario) -> None:
     import torch
 
     from .ops import fused_moe_triton
@@ -142,13 +238,40 @@ def record_launches(sc: Scenario) -> list:
     scales = None
     if sc.weights == "int8":
         scales = tuple(torch.empty(E, g, n, dtype=torch.bfloat16, **meta) for g, n in ((1, sc.F), (1, sc.F), (8, D)))
-    log = []
-    with _recording(log), torch.set_grad_enabled(sc.train != "none"):
+    with torch.set_grad_enabled(sc.train != "none"):
         out, _, _ = fused_moe_triton(x, router_w, w1, w3, w2, top_k=k, scales=scales, compute_dtype=dt,
                                      deterministic=sc.deterministic)
         if sc.train != "none":
             out.backward(torch.empty_like(out))
-    return log
+
+
+def _run_linear(sc: LinearScenario) -> None:
+    import torch
+
+    from .int8_linear import int8_linear_triton
+
+    K, N, G = PROJECTIONS[sc.proj]
+    meta = dict(device="meta")
+    x = torch.empty(sc.T, N if sc.transpose else K, dtype=torch.float32, **meta)  # the model's x (and dy) are fp32
+    w = torch.empty(K, N, dtype=torch.int8, **meta)
+    scales = torch.empty(G, N, dtype=torch.bfloat16, **meta)
+    int8_linear_triton(x, w, scales, precision=sc.precision, transpose=sc.transpose)
+
+
+def _run_attn(sc: AttnScenario) -> None:
+    import torch
+
+    from .flash_attention import flash_attention_triton
+
+    Hq, Hkv, dh, S = ATTN["Hq"], ATTN["Hkv"], ATTN["dh"], sc.S
+    meta = dict(device="meta")
+    kv_dtype = {"bf16cache": torch.bfloat16, "fp32cache": torch.float32, "fp16cache": torch.float16,
+                "fp32kv": torch.float32}[sc.kv]
+    q = torch.empty(1, sc.T, Hq, dh, dtype=torch.float32, **meta)
+    k, v = (torch.empty(1, S, Hkv, dh, dtype=kv_dtype, **meta) for _ in range(2))  # a layer's cache, or K/V
+    q_pos = torch.empty(1, sc.T, dtype=torch.int64, **meta)
+    key_valid = torch.empty(1, S, dtype=torch.bool, **meta)
+    flash_attention_triton(q, k, v, q_pos, key_valid, scale=ATTN["scale"], cap=ATTN["cap"], precision=sc.precision)
 
 
 def _specialize(fn, args, kwargs, target):
@@ -179,9 +302,14 @@ def _specialize(fn, args, kwargs, target):
     return signature, constexprs, attrs, options
 
 
-def _describe(kernel: str, sig: dict, c: dict, options: dict) -> str:
-    """A readable variant name: role, tile, compute dtype, weight kind."""
+def _describe(kernel: str, sig: dict, c: dict, options: dict, sc=None) -> str:
+    """A readable variant name: MoE by role, tile, compute dtype and weight kind; attention and the
+    int8 linear by the scenario that first launches them (`sc`)."""
     dt = getattr(c.get("CDTYPE"), "name", "")
+    if kernel == "_int8_linear_reduce_kernel":
+        return f"linear-reduce-b{c['BLOCK']}"
+    if kernel in ("_int8_linear_kernel", "_flash_attn_kernel"):
+        return sc.name
     if kernel == "_router_topk_kernel":
         return f"router-E{c['E_PAD']}-k{c['TOP_K']}"
     if kernel == "_align_kernel":
@@ -197,16 +325,16 @@ def _describe(kernel: str, sig: dict, c: dict, options: dict) -> str:
     return f"{role}-{tile}-{dt}-{'int8' if c['SCALE_MODE'] else 'float'}"
 
 
-def variants(full: bool = False, arch: int = 90) -> list[Variant]:
-    """The distinct kernel specialisations fused_moe launches over `scenarios(full)`."""
+def variants(full: bool = False, arch: int = 90, kinds: tuple = KINDS) -> list[Variant]:
+    """The distinct kernel specialisations launched over `scenarios(full, kinds)`."""
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", arch, 32)
     found: dict = {}
-    for sc in scenarios(full):
+    for sc in scenarios(full, kinds):
         for fn, _grid, args, kwargs in record_launches(sc):
             sig, ce, attrs, opts = _specialize(fn, args, kwargs, target)
-            v = Variant(_describe(fn.__name__, sig, ce, opts), fn.__name__, sig, ce, attrs, opts)
+            v = Variant(_describe(fn.__name__, sig, ce, opts, sc), fn.__name__, sig, ce, attrs, opts)
             v = found.setdefault(v.key, v)
             v.scenarios.append(sc.name)
     out = list(found.values())
@@ -214,7 +342,7 @@ def variants(full: bool = False, arch: int = 90) -> list[Variant]:
     for v in out:  # same readable name, another specialisation (T*k not a multiple of 16, say): name its first T
         seen[v.name] = seen.get(v.name, 0) + 1
         if seen[v.name] > 1:
-            v.name += "@" + v.scenarios[0].split("-")[0]
+            v.name += "@" + (v.scenarios[0].split("-")[0] if v.scenarios[0][0] == "T" else v.scenarios[0])
     return out
 
 
@@ -244,9 +372,8 @@ def compile_variant(v: Variant, arch: int = 90) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import grouped_gemm, routing
-
-    fn = getattr(grouped_gemm, v.kernel, None) or getattr(routing, v.kernel)
+    mods = [importlib.import_module(f"{__package__}.{m}") for m in _DEFINED_IN]
+    fn = next(getattr(m, v.kernel) for m in mods if hasattr(m, v.kernel))
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError("kernels were defined under TRITON_INTERPRET=1; run with TRITON_INTERPRET=0")
     t0 = time.time()
@@ -257,8 +384,9 @@ def compile_variant(v: Variant, arch: int = 90) -> dict:
     num_warps = k.metadata.num_warps
     c = v.constexprs
     return dict(
-        name=v.name, kernel=v.kernel, seconds=round(time.time() - t0, 1), is_gemm=v.kernel in ("_moe_gemm_kernel", "_moe_wgrad_kernel"),
-        epilogue=c.get("EPILOGUE"), cdtype=getattr(c.get("CDTYPE"), "name", None),
+        name=v.name, kernel=v.kernel, seconds=round(time.time() - t0, 1), is_gemm=v.kernel in _DOT_KERNELS,
+        epilogue=c.get("EPILOGUE"), cdtype=getattr(c.get("CDTYPE", c.get("OPERAND")), "name", None),
+        block_m=c.get("BLOCK_M"),
         wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)),
         atomics=len(re.findall(r"\b(?:red|atom)(?:\.[a-z0-9_]+)*\.add\b", ptx)),
         num_warps=num_warps, smem=k.metadata.shared, **res,
@@ -271,17 +399,20 @@ def _compile_star(args):
     return compile_variant(*args)
 
 
-def main(*, full: bool = False, arch: int = 90, jobs: int | None = None, table: bool = False) -> list[dict]:
-    vs = variants(full, arch)
+def main(*, full: bool = False, arch: int = 90, jobs: int | None = None, table: bool = False,
+         kinds: tuple = KINDS) -> list[dict]:
+    vs = variants(full, arch, kinds)
     jobs = jobs or min(len(vs), os.cpu_count() or 1)
     results = []
+    width = max([len(v.name) for v in vs] + [7])
     if table:
-        print(f"{'variant':40s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'CTA/SM':>6s} {'wgmma':>5s} {'mma':>4s} {'atom':>4s}")
+        print(f"{'variant':{width}s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'CTA/SM':>6s} {'wgmma':>5s} {'mma':>4s} "
+              f"{'atom':>4s} {'scen':>4s} {'sec':>5s}")
     with ProcessPoolExecutor(jobs) as pool:
         for r in pool.map(_compile_star, [(v, arch) for v in vs]):
             if table:
-                print(f"{r['name']:40s} {r['regs']:4d} {r['spill_bytes']:5d} {r['smem'] / 1024:7.0f} {r['ctas_per_sm']:6d} "
-                      f"{r['wgmma']:5d} {r['mma']:4d} {r['atomics']:4d}", flush=True)
+                print(f"{r['name']:{width}s} {r['regs']:4d} {r['spill_bytes']:5d} {r['smem'] / 1024:7.0f} {r['ctas_per_sm']:6d} "
+                      f"{r['wgmma']:5d} {r['mma']:4d} {r['atomics']:4d} {r['scenarios']:4d} {r['seconds']:5.1f}", flush=True)
             else:
                 print(json.dumps(r), flush=True)
             results.append(r)
@@ -291,9 +422,13 @@ def main(*, full: bool = False, arch: int = 90, jobs: int | None = None, table: 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="python -m grok_torch.kernels.aot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true", help="every variant, not just the int8/bf16 inference path")
+    p.add_argument("--full", action="store_true", help="every variant, not just the release path")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100) or 80 (A100)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     p.add_argument("--table", action="store_true", help="a readable table instead of JSON lines")
+    p.add_argument("--only", default=",".join(KINDS), help=f"comma-separated kinds among {','.join(KINDS)} (default: all)")
     a = p.parse_args()
-    main(full=a.full, arch=a.arch, jobs=a.jobs, table=a.table)
+    only = tuple(k.strip() for k in a.only.split(",") if k.strip())
+    if not only or set(only) - set(KINDS):
+        p.error(f"--only takes kinds among {', '.join(KINDS)}, got {a.only!r}")
+    main(full=a.full, arch=a.arch, jobs=a.jobs, table=a.table, kinds=only)

@@ -13,6 +13,18 @@ In-memory dtypes follow loading.py: int8 weights + bf16 scales stay as stored; f
 the activation dtype; attention keeps an fp32 checkpoint's fp32 (its math is fp32); the embedding,
 norms and routers are fp32 (the converter's default).
 
+Working memory is that of generation's largest forward, one prefill chunk (grok_torch/decode.py
+``prefill``): Tc = min(context, prefill_chunk) positions x batch B through every layer, attention
+reading the whole KV cache in place. Per GPU: activations (6 fp32 [B,Tc,D]) + the largest phase it
+runs, phases running one after another: attention on a layer's home GPU (fp32 q with its RoPE
+temporaries, k, v, the kernel's output o and the o_proj output; on CUDA the int8 GEMM dequantises
+in registers and flash attention keeps its score tiles on chip, so neither a weight copy nor a
+score tensor exists), the MoE for B*Tc*k routed rows, and on GPU 0 the head at each row's last
+position only (``logits_to_keep``: 2 fp32 [B,V]). The KV cache (2 x [B, context, Hkv, dh] per
+layer) and a per-GPU reserve (CUDA context, allocator) come on top. A decode step (Tc = 1) needs
+less than any prefill chunk; the int8 GEMM's split-K partials (small M only) are a few MB, within the
+reserve.
+
 Units: GB = 1e9 bytes and GiB = 2**30. "80GB" is 80e9 bytes, below the 79.6 GiB (85.5e9) an H100
 80GB reports, so verdicts err on the safe side; ``--gpu-mem 79.6GiB`` uses the whole card.
 """
@@ -37,7 +49,7 @@ SPLITS = ("experts", "ffn")
 ACT_BYTES = {"bf16": 2, "fp32": 4}
 FORMAT_BYTES = {"int8": 1, "bf16": 2, "fp32": 4}
 H100_BW = 3.35e12        # H100 SXM HBM3, bytes/s
-ATTN_CHUNK = 1024        # query rows per attention chunk (model.py's query-chunked attention)
+PREFILL_CHUNK = 2048     # prompt positions per prefill forward (generate.stream's default)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 Bytes = Union[int, float, str]
@@ -140,6 +152,11 @@ def weight_bytes_per_device(config: GrokConfig, n: int, split: str = "experts", 
     return per
 
 
+def _prefill_tokens(context: int, prefill_chunk: Optional[int]) -> int:
+    """Positions per prefill forward: Tc = min(context, prefill_chunk); the whole context when None."""
+    return context if prefill_chunk is None else min(context, prefill_chunk)
+
+
 def _touched(E: int, k: int, B: int) -> float:
     """Expected distinct experts chosen by B tokens taking k of E each (uniform routing)."""
     return E * (1 - ((E - k) / E) ** B)
@@ -179,8 +196,12 @@ class MemoryPlan:
     def report(self) -> str:
         gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
         i, d0 = self.inputs, self.devices[0]["terms"]
+        term = lambda b: f"{b / 1e9:.1f}" if b == 0 or b >= 5e7 else f"{b / 1e9:.4f}"  # noqa: E731  (1 MB: 0.0010)
+        chunk = "prefill in one forward" if i["prefill_chunk"] is None else f"prefill chunk {i['prefill_chunk']}"
+        tc = _prefill_tokens(i["context"], i["prefill_chunk"])
         lines = [f"{i['config']}: {i['weight_format']} weights, {i['act_dtype']} activations, {i['gpus']} GPU{'s' * (i['gpus'] > 1)} x "
-                 f"{gb(i['gpu_mem'][0])} GB, split {i['split']}, context {i['context']}, batch {i['batch']} (GB = 1e9 bytes)",
+                 f"{gb(i['gpu_mem'][0])} GB, split {i['split']}, context {i['context']}, batch {i['batch']}, "
+                 f"{chunk} (GB = 1e9 bytes)",
                  "", "GPU  layers  " + ("experts" if i["split"] == "experts" else "ffn cols   ")
                  + "  weights  KV cache  working  reserve    total  capacity"]
         for d in self.devices:
@@ -189,13 +210,13 @@ class MemoryPlan:
             part = f"{r[0]}" if r[0] == r[1] else f"{r[0]}-{r[1]}"
             lines.append(f"{d['gpu']:>3}  {lay:>6}  {part:>{7 if i['split'] == 'experts' else 11}}"
                          + "".join(f"{gb(d[k]):>9}" for k in ("weights", "kv_cache", "working", "reserve", "total", "capacity")))
-        lines += ["", f"working memory (GPU 0 shown) for a prefill of {i['context']} tokens x batch {i['batch']}: activations + the largest "
-                  "phase the GPU runs (phases run one after another):",
-                  f"  activations  {gb(d0['activations'])} GB  6 fp32 [B,T,D] (residual, sublayer temporaries) + 2 bool [B,T,S] masks",
-                  f"  attention    {gb(d0['attention'])} GB  largest weight dequantised to fp32 (unless held in fp32) + fp32 q, k, v, o (chunks + cat) + "
-                  f"3 fp32 score tensors [B,Hq,{min(i['context'], ATTN_CHUNK)},S] (home GPUs)",
-                  f"  MoE          {gb(d0['moe'])} GB  act [B*T*k, F_local] {i['act_dtype']} + y [B*T*k, D] fp32 + x, partial [B*T, D] fp32",
-                  f"  head         {gb(d0['head'])} GB  logits [B,T,V] fp32 twice: x@E^T and its scaled copy (GPU 0)",
+        lines += ["", f"working memory (GPU 0 shown) for one prefill forward of Tc = {tc} tokens x batch {i['batch']}, "
+                  "attention reading the whole KV cache: activations + the largest phase the GPU runs (phases run one after another):",
+                  f"  activations  {term(d0['activations'])} GB  6 fp32 [B,Tc,D] (residual, sublayer temporaries)",
+                  f"  attention    {term(d0['attention'])} GB  fp32 q [B,Tc,Hq*dh] + 3 RoPE temporaries of its size + k, v [B,Tc,Hkv*dh] "
+                  "+ kernel output o [B,Tc,Hq*dh] + o_proj output [B,Tc,D] (home GPUs; no weight copy, no score tensor)",
+                  f"  MoE          {term(d0['moe'])} GB  act [B*Tc*k, F_local] {i['act_dtype']} + y [B*Tc*k, D] fp32 + x, partial [B*Tc, D] fp32",
+                  f"  head         {term(d0['head'])} GB  logits [B,V] fp32 twice at each row's last position: x@E^T and its scaled copy (GPU 0)",
                   f"  + KV cache 2 x [B, context, Hkv, dh] {i['act_dtype']} per layer on its home GPU; "
                   f"+ reserve {gb(i['reserve'])} GB per GPU (CUDA context, allocator)", "", self.verdict]
         lines += [f"  would fit: {s}" for s in self.suggestions]
@@ -233,10 +254,13 @@ def _decode(c: GrokConfig, n: int, split: str, fmt: str, act_dtype: str, B: int,
 
 def plan_memory(config: GrokConfig, *, gpus: int, gpu_mem: Union[Bytes, Sequence[Bytes]], split: str = "experts",
                 weight_format: Optional[str] = None, act_dtype: str = "bf16", context: Optional[int] = None,
-                batch: int = 1, gpu_bw: float = H100_BW, reserve: Bytes = "1.5GiB", suggest: bool = True) -> MemoryPlan:
-    """Plan a forward of ``batch`` prompts of ``context`` tokens (default: the model context) on
-    ``gpus`` GPUs of ``gpu_mem`` each (one size, or one per GPU). ValueError on arguments that
-    cannot be planned (a split that does not divide, a context beyond the model's)."""
+                batch: int = 1, gpu_bw: float = H100_BW, reserve: Bytes = "1.5GiB",
+                prefill_chunk: Optional[int] = PREFILL_CHUNK, suggest: bool = True) -> MemoryPlan:
+    """Plan generating ``batch`` sequences of ``context`` tokens (default: the model context) on
+    ``gpus`` GPUs of ``gpu_mem`` each (one size, or one per GPU), the prompt prefilled
+    ``prefill_chunk`` positions a forward (None: the whole context in one forward). ValueError on
+    arguments that cannot be planned (a split that does not divide, a context beyond the model's,
+    a chunk below 1)."""
     c, n, B = config, gpus, batch
     fmt, S = weight_format or c.weight_format, c.max_seq_len if context is None else context
     if fmt not in WEIGHT_FORMATS or act_dtype not in ACT_BYTES:
@@ -244,27 +268,33 @@ def plan_memory(config: GrokConfig, *, gpus: int, gpu_mem: Union[Bytes, Sequence
     if not 1 <= S <= c.max_seq_len or B < 1 or gpu_bw <= 0:
         raise ValueError(f"need 1 <= context <= {c.max_seq_len} (max_seq_len), batch >= 1 and gpu_bw > 0; "
                          f"got context {S}, batch {B}, gpu_bw {gpu_bw}")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be an int >= 1 (or None for the whole context in one forward), "
+                         f"got {prefill_chunk!r}")
     err = split_error(c, n, split, fmt)
     if err:
         raise ValueError(err)
     mem = [parse_bytes(m) for m in gpu_mem] if isinstance(gpu_mem, (list, tuple)) else [parse_bytes(gpu_mem)] * n
     if len(mem) != n:
         raise ValueError(f"gpu_mem lists {len(mem)} sizes for {n} GPUs")
-    res, a, T = parse_bytes(reserve), ACT_BYTES[act_dtype], S
+    res, a = parse_bytes(reserve), ACT_BYTES[act_dtype]
+    T = _prefill_tokens(S, prefill_chunk)
     D, F, E, L, k, V = c.d_model, c.ffn_size, c.num_experts, c.num_layers, c.num_experts_per_tok, c.vocab_size
     weights = weight_bytes_per_device(c, n, split, fmt, act_dtype)
     f_loc = F if split == "experts" else F // n
-    # attention dequantises one matrix at a time to fp32 (a no-op when it is held in fp32)
-    dequant = 0 if fmt != "int8" and max(FORMAT_BYTES[fmt], a) == 4 else max(D * c.q_size, D * c.kv_size) * 4
+    # attention, all fp32: q and 3 RoPE temporaries of its size (raw projection, x*cos, rotated half
+    # x sin), k and v, the kernel's output o, the o_proj output; summed although k/v are freed once
+    # written to the cache. No dequantised weight (int8 GEMM in registers) and no score tensor (flash).
+    attention = B * T * (5 * c.q_size + 2 * c.kv_size + D) * 4
     devices = []
     for j in range(n):
         layers = [i for i in range(L) if i * n // L == j]
         terms = {
-            "activations": (6 * B * T * D * 4 + 2 * B * T * S) if (layers or j == 0) else 0,
-            "attention": (dequant + B * (3 * T * c.q_size + 2 * S * c.kv_size) * 4
-                          + 3 * B * c.num_q_heads * min(T, ATTN_CHUNK) * S * 4) if layers else 0,
+            "activations": 6 * B * T * D * 4 if (layers or j == 0) else 0,
+            "attention": attention if layers else 0,
             "moe": B * T * k * (f_loc * a + D * 4) + 2 * B * T * D * 4,
-            "head": 2 * B * T * V * 4 if j == 0 else 0,
+            "head": 2 * B * V * 4 if j == 0 else 0,
         }
         working = terms["activations"] + max(terms["attention"], terms["moe"], terms["head"])
         kv = len(layers) * 2 * B * S * c.kv_size * a
@@ -283,7 +313,7 @@ def plan_memory(config: GrokConfig, *, gpus: int, gpu_mem: Union[Bytes, Sequence
         verdict = (f"FITS: tightest is GPU {w['gpu']}, {w['total'] / 1e9:.1f} of {w['capacity'] / 1e9:.1f} GB "
                    f"({(w['capacity'] - w['total']) / 1e9:.1f} GB free)")
     inputs = dict(config=c.name, gpus=n, gpu_mem=mem, split=split, weight_format=fmt, act_dtype=act_dtype,
-                  context=S, batch=B, gpu_bw=gpu_bw, reserve=res)
+                  context=S, batch=B, gpu_bw=gpu_bw, reserve=res, prefill_chunk=prefill_chunk)
     dec = {s: _decode(c, n, s, fmt, act_dtype, B, S) for s in SPLITS}
     floors = {s: None if "error" in b else (b["moe"] + b["attention"] + b["head"]) / gpu_bw for s, b in dec.items()}
     plan = MemoryPlan(inputs, devices, not over, verdict, [], floors, dec)
@@ -294,7 +324,8 @@ def plan_memory(config: GrokConfig, *, gpus: int, gpu_mem: Union[Bytes, Sequence
 
 def _suggest(c: GrokConfig, inputs: dict) -> List[str]:
     """What would fit, each found by planning it: GPU counts, int8, fp32 -> bf16 activations,
-    the longest context, the largest batch (binary searches: memory grows with both)."""
+    the largest prefill chunk, the longest context, the largest batch (binary searches: memory grows
+    with each)."""
     base, out, mem = {k: v for k, v in inputs.items() if k != "config"}, [], inputs["gpu_mem"][0]
 
     def fits(**kw) -> bool:
@@ -321,14 +352,17 @@ def _suggest(c: GrokConfig, inputs: dict) -> List[str]:
                 break
     if inputs["act_dtype"] == "fp32" and fits(act_dtype="bf16"):
         out.append("bf16 activations (--act-dtype bf16)")
-    for key, flag in (("context", "--context"), ("batch", "--batch")):
-        lo, hi = 0, inputs[key] - 1  # largest value in [1, current) that fits, if any
+    tc = _prefill_tokens(inputs["context"], inputs["prefill_chunk"])
+    for key, flag, now in (("prefill_chunk", "--prefill-chunk", tc), ("context", "--context", inputs["context"]),
+                           ("batch", "--batch", inputs["batch"])):
+        lo, hi = 0, now - 1  # largest value in [1, current) that fits, if any
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(**{key: mid}) else (lo, mid - 1)
         if lo:
-            out.append(f"{key} {lo} ({flag} {lo})")
-    return out or ["nothing tried fits (more GPUs up to 64, int8, a shorter context, a smaller batch)"]
+            out.append(f"{key.replace('_', ' ')} {lo} ({flag} {lo})")
+    return out or ["nothing tried fits (more GPUs up to 64, int8, a smaller prefill chunk, a shorter context, "
+                   "a smaller batch)"]
 
 
 def check_fits(config: GrokConfig, **kwargs) -> MemoryPlan:
@@ -348,6 +382,7 @@ EPILOG = """examples:
   grok-plan --config grok-1 --gpus 8 --gpu-mem 80GB --dtype int8 --context 8192
   grok-plan --config grok-1 --gpus 8 --dtype bf16                 # does not fit: says what would
   grok-plan --model /data/grok-1-int8 --device-map ffn --batch 4 --json
+  grok-plan --config grok-1 --gpus 8 --batch 64 --prefill-chunk 512  # a smaller chunk, less working memory
   python -m grok_torch.plan --config tiny --gpus 1 --gpu-mem 1GB
 
 exit status: 0 fits, 1 does not fit, 2 bad arguments. GB = 1e9 bytes, GiB = 2**30."""
@@ -366,6 +401,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device-map", choices=SPLITS, default="experts", help="how experts are split (default experts)")
     p.add_argument("--context", type=int, help="tokens per sequence (default: the model's max_seq_len)")
     p.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
+                   help=f"prompt positions per prefill forward, as grok-generate --prefill-chunk: working memory is "
+                   f"that of N tokens (default {PREFILL_CHUNK}; 0 = the whole prompt in one forward)")
     p.add_argument("--gpu-bw", type=float, default=H100_BW, help="memory bandwidth, bytes/s (default 3.35e12, H100 SXM)")
     p.add_argument("--reserve", default="1.5GiB", help="per-GPU CUDA context/allocator reserve (default 1.5GiB)")
     p.add_argument("--act-dtype", choices=tuple(ACT_BYTES), default="bf16", help="activation dtype (default bf16)")
@@ -383,6 +421,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--context {a.context} exceeds the model's max_seq_len {cfg.max_seq_len}")
     if a.gpu_bw <= 0:
         p.error(f"--gpu-bw must be positive, got {a.gpu_bw}")
+    if a.prefill_chunk < 0:
+        p.error(f"--prefill-chunk must be >= 0 (0 = the whole prompt in one forward), got {a.prefill_chunk}")
     for flag, v in (("--gpu-mem", a.gpu_mem), ("--reserve", a.reserve)):
         try:
             parse_bytes(v)
@@ -392,7 +432,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if err:
         p.error(f"--device-map {a.device_map} --gpus {a.gpus}: {err}")
     plan = plan_memory(cfg, gpus=a.gpus, gpu_mem=a.gpu_mem, split=a.device_map, weight_format=a.dtype,
-                       act_dtype=a.act_dtype, context=a.context, batch=a.batch, gpu_bw=a.gpu_bw, reserve=a.reserve)
+                       act_dtype=a.act_dtype, context=a.context, batch=a.batch, gpu_bw=a.gpu_bw, reserve=a.reserve,
+                       prefill_chunk=a.prefill_chunk or None)
     print(json.dumps(plan.to_dict(), indent=2) if a.json else plan.report())
     return 0 if plan.fits else 1
 

@@ -52,13 +52,17 @@ def test_grok1_bf16_does_not_fit_8x80gb_and_says_what_would():
     assert not plan(gpus=8, split="ffn", weight_format="bf16").fits
 
 
-def test_context_and_batch_suggestions_are_the_largest_that_fit():
-    p = plan(weight_format="int8", batch=8)
+def test_chunk_context_and_batch_suggestions_are_the_largest_that_fit():
+    p = plan(weight_format="int8", batch=64)
     assert not p.fits
+    chunk = next(int(s.split()[2]) for s in p.suggestions if s.startswith("prefill chunk"))
     ctx = next(int(s.split()[1]) for s in p.suggestions if s.startswith("context"))
     bat = next(int(s.split()[1]) for s in p.suggestions if s.startswith("batch"))
-    assert plan(weight_format="int8", batch=8, context=ctx).fits
-    assert not plan(weight_format="int8", batch=8, context=ctx + 1).fits
+    assert f"(--prefill-chunk {chunk})" in " | ".join(p.suggestions)
+    assert plan(weight_format="int8", batch=64, prefill_chunk=chunk).fits
+    assert not plan(weight_format="int8", batch=64, prefill_chunk=chunk + 1).fits
+    assert plan(weight_format="int8", batch=64, context=ctx).fits
+    assert not plan(weight_format="int8", batch=64, context=ctx + 1).fits
     assert plan(weight_format="int8", batch=bat).fits and not plan(weight_format="int8", batch=bat + 1).fits
 
 
@@ -128,21 +132,78 @@ def test_weight_bytes_by_hand_bf16():
     assert weight_bytes_per_device(GROK1, 8, "experts", "fp32", act_dtype="fp32")[7] == 8 * home32 + 64 * 2 * expert
 
 
+def _working_by_hand(B, Tc, f_loc=32768):
+    """The terms of one prefill forward of Tc positions x batch B (Grok-1, bf16 activations), by hand."""
+    D, q, kv, V = 6144, 48 * 128, 8 * 128, 131072
+    return {
+        "activations": 6 * B * Tc * D * 4,                        # 6 fp32 [B, Tc, D]
+        "attention": (4 * B * Tc * q                              # fp32 q + 3 RoPE temporaries of its size
+                      + 2 * B * Tc * kv                           # k, v
+                      + B * Tc * q                                # the kernel's output o
+                      + B * Tc * D) * 4,                          # the o_proj output
+        "moe": B * Tc * 2 * (f_loc * 2 + D * 4) + 2 * B * Tc * D * 4,  # act bf16 + y fp32 (k=2 rows a token) + x, partial
+        "head": 2 * B * V * 4,                                    # two fp32 [B, V]: last position only
+    }
+
+
 def test_kv_cache_and_working_terms_by_hand():
-    p = plan(weight_format="int8", batch=2, context=4096)
+    p = plan(weight_format="int8", batch=2, context=4096)   # default prefill chunk: 2048 positions a forward
+    assert p.inputs["prefill_chunk"] == 2048
     kv_layer = 2 * 2 * 4096 * 8 * 128 * 2                # k and v, batch 2, 4096 positions, 8 heads x 128, bf16
     assert [d["kv_cache"] for d in p.devices] == [8 * kv_layer] * 8 == [268_435_456] * 8
     t0 = p.devices[0]["terms"]
-    assert t0["head"] == 2 * (2 * 4096 * 131072) * 4    # two fp32 [B, T, V] logits
-    assert t0["moe"] == 2 * 4096 * 2 * (32768 * 2 + 6144 * 4) + 2 * (2 * 4096 * 6144) * 4
-    assert t0["attention"] == (6144 * 6144 * 4 + 2 * (3 * 4096 * 6144 + 2 * 4096 * 1024) * 4  # q, o twice, k, v
-                               + 3 * 2 * 48 * 1024 * 4096 * 4)
-    # an fp32-held attention matrix is used as it is: no dequantised copy
+    assert t0 == _working_by_hand(2, 2048)
+    assert t0["head"] == 2 * 2 * 131072 * 4 == 2_097_152
+    assert t0["attention"] == (5 * 2048 * 6144 + 2 * 2048 * 1024 + 2048 * 6144) * 2 * 4 == 637_534_208
+    assert p.devices[0]["working"] == t0["activations"] + max(t0["attention"], t0["moe"], t0["head"])
+    # the whole prompt in one forward: the same formulas at Tc = context
+    whole = plan(weight_format="int8", batch=2, context=4096, prefill_chunk=None).devices[0]["terms"]
+    assert whole == _working_by_hand(2, 4096)
+    # a chunk longer than the context is the whole context
+    assert plan(weight_format="int8", batch=2, context=1000, prefill_chunk=4096).devices[0]["terms"] == _working_by_hand(2, 1000)
+    # ffn split: each GPU runs its F/n columns of every routed row
+    assert plan(weight_format="int8", batch=2, context=4096, split="ffn").devices[5]["terms"]["moe"] == \
+        _working_by_hand(2, 2048, f_loc=32768 // 8)["moe"]
+    # no dequantised weight copy (int8 GEMM in registers) and no score tensor: an fp32-held matrix
+    # and an int8 one cost attention the same
     t32 = plan(weight_format="fp32", batch=2, context=4096).devices[0]["terms"]
-    assert t0["attention"] - t32["attention"] == 6144 * 6144 * 4
+    assert t32["attention"] == t0["attention"]
     d = p.devices[3]
+    assert d["terms"]["head"] == 0  # the head lives on GPU 0
     assert d["working"] == d["terms"]["activations"] + max(d["terms"]["attention"], d["terms"]["moe"])
     assert d["total"] == d["weights"] + d["kv_cache"] + d["working"] + parse_bytes("1.5GiB")
+
+
+def test_smaller_prefill_chunk_lowers_working_memory_not_the_kv_cache():
+    plans = {c: plan(weight_format="int8", batch=4, prefill_chunk=c) for c in (None, 4096, 2048, 512, 1)}
+    working = [plans[c].devices[0]["working"] for c in plans]
+    assert working == sorted(working, reverse=True) and len(set(working)) == len(working), working
+    for c, p in plans.items():
+        assert [d["kv_cache"] for d in p.devices] == [d["kv_cache"] for d in plans[None].devices]  # 2 x [B, context, ...]
+        assert [d["weights"] for d in p.devices] == [d["weights"] for d in plans[None].devices]
+        assert p.decode_floor_s == plans[None].decode_floor_s
+    assert plans[None].devices[0]["terms"] == plan(weight_format="int8", batch=4, prefill_chunk=8192).devices[0]["terms"]
+    assert plans[1].devices[0]["terms"] == _working_by_hand(4, 1)
+
+
+def test_released_model_on_8x80gb_at_8k_fits_with_the_default_chunk():
+    p = plan_memory(GROK1, gpus=8, gpu_mem="80GB", context=8192, batch=1)  # int8: the release
+    assert p.inputs["prefill_chunk"] == 2048 and p.inputs["weight_format"] == "int8"
+    d0 = p.devices[0]
+    print(f"\nGPU 0: weights {d0['weights'] / 1e9:.2f} GB, KV {d0['kv_cache'] / 1e9:.3f} GB, "
+          f"working {d0['working'] / 1e9:.3f} GB {d0['terms']}, total {d0['total'] / 1e9:.2f} of 80 GB; {p.verdict}")
+    assert p.fits and p.verdict.startswith("FITS: tightest is GPU 0")
+    t = _working_by_hand(1, 2048)
+    assert d0["working"] == t["activations"] + max(t["attention"], t["moe"], t["head"]) == 771_751_936
+    assert d0["kv_cache"] == 8 * 2 * 8192 * 8 * 128 * 2 == 268_435_456
+    assert d0["total"] == 42_598_555_648 + 268_435_456 + 771_751_936 + parse_bytes("1.5GiB")
+    assert "prefill chunk 2048" in p.report() and "Tc = 2048 tokens" in p.report()
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 2.5, True, "2048"])
+def test_prefill_chunk_must_be_a_positive_int_or_none(chunk):
+    with pytest.raises(ValueError, match=r"prefill_chunk must be an int >= 1 \(or None"):
+        plan(prefill_chunk=chunk)
 
 
 # ---- against the model itself (meta device: no memory) ----------------------------------------
@@ -252,6 +313,18 @@ def test_cli_exit_codes_and_report(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
 
 
+def test_cli_prefill_chunk(capsys):
+    assert main(["--config", "grok-1", "--gpus", "8", "--prefill-chunk", "512", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["inputs"]["prefill_chunk"] == 512 and d["devices"][0]["terms"] == _working_by_hand(1, 512)
+    assert main(["--config", "grok-1", "--gpus", "8", "--prefill-chunk", "0"]) == 0  # 0: the whole prompt
+    out = capsys.readouterr().out
+    assert "prefill in one forward" in out and "Tc = 8192 tokens" in out
+    assert main(["--config", "grok-1", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1, prefill chunk 2048 (GB" in out and "score" not in out.replace("no score tensor", "")
+
+
 def test_cli_json(capsys):
     assert main(["--config", "grok-1", "--gpus", "4", "--json"]) == 1
     d = json.loads(capsys.readouterr().out)
@@ -266,6 +339,7 @@ def test_cli_json(capsys):
     (["--config", "grok-1", "--gpu-mem", "lots"], "--gpu-mem"),
     (["--config", "grok-1", "--context", "9000"], "--context"),
     (["--config", "grok-1", "--batch", "0"], "--batch"),
+    (["--config", "grok-1", "--prefill-chunk", "-1"], "--prefill-chunk"),
     (["--config", "grok-9"], "--config"),
     (["--model", "/nonexistent/dir"], "--model"),
     (["--config", "grok-1", "--dtype", "int4"], "--dtype"),

@@ -43,3 +43,17 @@ def converted(tiny_ref, tmp_path_factory):
         return cache[fmt]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_model(converted):
+    """tiny_int8_model(dtype) -> the int8 tiny_ref model on the CPU reference kernels (cached per dtype)."""
+    from grok_torch import Grok
+
+    cache = {}
+
+    def get(dtype):
+        if dtype not in cache:
+            cache[dtype] = Grok.from_pretrained(converted("int8"), dtype=dtype, impl="torch")
+        return cache[dtype]
+    return get

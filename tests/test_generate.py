@@ -16,14 +16,8 @@ BF16, FP32 = torch.bfloat16, torch.float32
 
 
 @pytest.fixture(scope="module")
-def model(converted):
-    cache = {}
-
-    def get(dtype):
-        if dtype not in cache:
-            cache[dtype] = Grok.from_pretrained(converted("int8"), dtype=dtype, impl="torch")
-        return cache[dtype]
-    return get
+def model(tiny_int8_model):
+    return tiny_int8_model
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ _FULL = os.environ.get("GROK_AOT_FULL") == "1" or bool(os.environ.get("CI"))
 # Spills found by this check and not yet fixed (variant: at most these bytes). The bf16 decode tile of
 # the int8 linear (16 x 64 x 128, 4 warps, 4 stages; int8_linear_config) spills 8 bytes with the fp32
 # x the model passes (bf16 x, as tests/test_int8_linear.py compiles it, does not); 2 stages do not.
-KNOWN_SPILLS = {"linear-wq-T1-bf16": 8, "linear-wq-T8-bf16": 8}
+KNOWN_SPILLS: dict = {}  # variant name -> bytes tolerated (none today)
 
 
 @pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.skipif(

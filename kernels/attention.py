@@ -29,7 +29,8 @@ Without it (None) every key block is visited and no host value is needed: the sh
 nothing is read back to the host, and a CUDA graph can hold the call.
 
 Implementations: ``impl="torch"`` (this file, any device) or ``"triton"`` (``flash_attention.py``,
-CUDA, or the Triton interpreter); ``"auto"`` is Triton on CUDA. ``precision="bf16"`` rounds q, k,
+CUDA, or the Triton interpreter); ``"auto"`` is Triton on CUDA. The kernel is forward-only: when
+autograd records (an input requires grad), the reference runs whatever ``impl`` says. ``precision="bf16"`` rounds q, k,
 p and v to bf16 for the two products (fp32 accumulation), the tensor-core form; ``"fp32"`` (the
 default, faithful to the official fp32-fused computation) keeps everything fp32.
 """
@@ -150,7 +151,10 @@ def attention(q, k, v, q_pos, key_valid, *, scale: float, cap: float, precision:
     """Grok-1 attention (module docstring): fp32 ``[B, T, Hq, dh]``; impl "auto" | "torch" | "triton"."""
     from . import resolve_impl  # the package's one rule for "auto" (and its GROK_MOE_IMPL override)
 
-    if resolve_impl(impl, q) == "torch":
+    # the Triton kernel has no backward: when autograd records, the reference (differentiable
+    # blockwise ops) runs instead, so gradients are never silently dropped
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad or resolve_impl(impl, q) == "torch":
         return attention_reference(q, k, v, q_pos, key_valid, scale=scale, cap=cap, precision=precision,
                                    causal_offset=causal_offset)
     from .flash_attention import flash_attention_triton  # the kernel bounds its key loop on the device

@@ -9,9 +9,11 @@
 #
 # Runs: the GPU-only tests (bf16 kernels vs the reference, the released int8/bf16 model on the
 # Triton kernels vs the official fixture, the device_map splits on every visible GPU), then
-# bench_moe.py, bench_generate.py and bench_parallel.py (decode ms/token per split on the GPUs). Paste
-# $OUT/bench_moe.md (dated, with the device, commit, table and the issue-#4 target verdicts) and the
-# bench_generate figures into BENCHMARKS.md.
+# bench_moe.py, bench_generate.py, bench_parallel.py (decode ms/token per split on the GPUs) and
+# bench_attention.py (issue #9: one attention sublayer's prefill time / peak memory at T 512-8192, new
+# vs the old dense path, and its decode step eager vs CUDA graph against the HBM roofline). Paste
+# $OUT/bench_moe.md (dated, with the device, commit, table and the issue-#4 target verdicts),
+# $OUT/bench_attention.md and the bench_generate figures into BENCHMARKS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -33,4 +35,5 @@ python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_triton.py tests/
 python3 benchmarks/bench_moe.py --csv "$out/bench_moe.csv" --md "$out/bench_moe.md" 2>&1 | tee "$out/bench_moe.log" || status=1
 python3 benchmarks/bench_generate.py 2>&1 | tee "$out/bench_generate.log" || status=1
 python3 benchmarks/bench_parallel.py --md "$out/bench_parallel.md" 2>&1 | tee "$out/bench_parallel.log" || status=1
+python3 benchmarks/bench_attention.py --md "$out/bench_attention.md" 2>&1 | tee "$out/bench_attention.log" || status=1
 exit $status

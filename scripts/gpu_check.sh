@@ -7,8 +7,10 @@
 #     mkdir -p .gpu/shared && cp -r ../shared/grok1 .gpu/shared/        # once; .gpu/ is git-ignored
 #     device run, carry [".gpu"], command "bash scripts/gpu_check.sh"
 #
-# Runs: the GPU-only tests (bf16 kernels vs the reference, the released int8/bf16 model on the
-# Triton kernels vs the official fixture, the device_map splits on every visible GPU), then
+# Runs: the GPU-only tests (bf16 MoE kernels vs the reference, the flash-attention and int8-linear
+# kernels at Grok-1 shapes in fp32 and bf16, the released int8/bf16 model on the Triton kernels vs
+# the official fixture, the captured decode step replaying the eager tokens with no sync, the
+# device_map splits on every visible GPU), then
 # bench_moe.py, bench_generate.py, bench_parallel.py (decode ms/token per split on the GPUs) and
 # bench_attention.py (issue #9: one attention sublayer's prefill time / peak memory at T 512-8192, new
 # vs the old dense path, and its decode step eager vs CUDA graph against the HBM roofline). Paste
@@ -29,8 +31,8 @@ for pkg in kernels convert; do [ -e "grok_torch/$pkg" ] || ln -s "../$pkg" "grok
   2>&1 | tee "$out/machine.txt"
 
 status=0
-python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_triton.py tests/test_model_parity.py \
-  tests/test_parallel.py -k gpu 2>&1 \
+python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_triton.py tests/test_flash_attention.py \
+  tests/test_int8_linear.py tests/test_model_parity.py tests/test_decode.py tests/test_parallel.py -k gpu 2>&1 \
   | tee "$out/gpu_tests.log" || status=1
 python3 benchmarks/bench_moe.py --csv "$out/bench_moe.csv" --md "$out/bench_moe.md" 2>&1 | tee "$out/bench_moe.log" || status=1
 python3 benchmarks/bench_generate.py 2>&1 | tee "$out/bench_generate.log" || status=1

@@ -31,6 +31,11 @@ class Router(nn.Module):
     def __init__(self, d_model: int, num_experts: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_model, num_experts, dtype=torch.float32), requires_grad=False)
+        self.lora = None  # a grok_torch.lora.LoRA when fine-tuning the router
+
+    def effective_weight(self) -> torch.Tensor:
+        """The router matrix, plus its LoRA delta when adapted ([D, E]: small enough to add)."""
+        return self.weight if self.lora is None else self.weight + self.lora.delta()
 
 
 class RoutedMoE(nn.Module):
@@ -57,7 +62,7 @@ class RoutedMoE(nn.Module):
         """(router_probs [T, E] fp32, gates [T, K] fp32, topk_ids [T, K] int64): the router alone."""
         from grok_torch.kernels import moe_router
 
-        return moe_router(x_TD, self.router.weight, top_k=self.top_k, renormalize=self.renormalize,
+        return moe_router(x_TD, self.router.effective_weight(), top_k=self.top_k, renormalize=self.renormalize,
                           router_softcap=self.router_softcap, expert_ids=expert_ids_TK, impl=self.impl)
 
 
@@ -85,8 +90,19 @@ class MoE(RoutedMoE):
         ws = (self.w1, self.w3, self.w2)
         scales = tuple(w.scales for w in ws) if self.w1.quantized else None
         return fused_moe(
-            x_TD, self.router.weight, self.w1.weight, self.w3.weight, self.w2.weight,
+            x_TD, self.router.effective_weight(), self.w1.weight, self.w3.weight, self.w2.weight,
             top_k=self.top_k, scales=scales, renormalize=self.renormalize,
             router_softcap=self.router_softcap, compute_dtype=self.dtype,
-            expert_ids=expert_ids_TK, impl=self.impl,
+            expert_ids=expert_ids_TK, impl=self.impl, lora=self.expert_lora(),
         )
+
+    def expert_lora(self):
+        """The experts' adapters as ``grok_torch.kernels.ExpertLoRA`` (None when none is attached)."""
+        from grok_torch.kernels import ExpertLoRA
+
+        loras = [w.lora for w in (self.w1, self.w3, self.w2)]
+        if all(lo is None for lo in loras):
+            return None
+        first = next(lo for lo in loras if lo is not None)
+        return ExpertLoRA(*[None if lo is None else (lo.A, lo.B) for lo in loras], scale=first.scale,
+                          dropout=first.p if self.training else 0.0)

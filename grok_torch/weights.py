@@ -45,6 +45,7 @@ class Weight(nn.Module):
             self.scales = nn.Parameter(scales, requires_grad=False)
         else:
             self.scales = None
+        self.lora = None  # a grok_torch.lora.LoRA when fine-tuning this matrix
 
     @property
     def quantized(self) -> bool:
@@ -63,7 +64,8 @@ class Weight(nn.Module):
         if self.weight.dim() != 2:
             raise ValueError(f"Weight.forward applies a 2-D matrix; this one is {tuple(self.weight.shape)} "
                              f"(stacked experts go through grok_torch.kernels.fused_moe)")
-        return linear(x, self.weight, self.scales, precision=precision, impl=impl)
+        y = linear(x, self.weight, self.scales, precision=precision, impl=impl)
+        return y if self.lora is None else y + self.lora(x)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor], *, precision: str = "fp32",

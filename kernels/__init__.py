@@ -25,11 +25,22 @@ import os
 
 import torch
 
-from .reference import moe_experts_reference, moe_reference, route
+from .reference import ExpertLoRA, moe_experts_reference, moe_reference, route
 
-__all__ = ["fused_moe", "moe_router", "moe_experts", "moe_reference", "moe_experts_reference", "route", "resolve_impl"]
+__all__ = ["ExpertLoRA", "fused_moe", "moe_router", "moe_experts", "moe_reference", "moe_experts_reference", "route", "resolve_impl"]
 
 _IMPLS = ("torch", "triton")
+
+
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        import warnings
+
+        warnings.warn(msg, stacklevel=3)
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
@@ -61,6 +72,7 @@ def fused_moe(
     expert_ids: torch.Tensor | None = None,
     impl: str = "auto",
     deterministic: bool = True,
+    lora: ExpertLoRA | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grok-1 MoE layer: fp32 router, top-k, `w2(gelu_tanh(w1 x) * w3 x)` per expert, gate-weighted sum.
 
@@ -84,6 +96,9 @@ def fused_moe(
                     then depends on scheduling, so results may differ between runs by fp32 rounding
                     (before the cast to compute_dtype). Gradients are the same either way. The reference
                     (impl="torch") accepts and ignores it: it is always deterministic.
+        lora:       ``ExpertLoRA``: per-expert low-rank adapters on w1/w3/w2 (fine-tuning). The
+                    Triton kernels do not take adapters yet: with one, the reference runs (a warning
+                    says so once).
 
     Returns:
         out [T, D] compute_dtype, router_probs [T, E] fp32, topk_ids [T, k] int64.
@@ -96,8 +111,11 @@ def fused_moe(
         compute_dtype=compute_dtype,
         expert_ids=expert_ids,
     )
-    if resolve_impl(impl, x) == "torch":
-        return moe_reference(x, router_w, w1, w3, w2, **kwargs)
+    if lora is not None or resolve_impl(impl, x) == "torch":
+        if lora is not None and resolve_impl(impl, x) == "triton":
+            _warn_once("fused_moe: expert LoRA adapters run on the PyTorch reference (the Triton kernels "
+                       "do not take adapters yet)")
+        return moe_reference(x, router_w, w1, w3, w2, lora=lora, **kwargs)
     from .ops import fused_moe_triton  # Triton only when asked for
 
     return fused_moe_triton(x, router_w, w1, w3, w2, deterministic=deterministic, **kwargs)

@@ -18,10 +18,11 @@ for all tokens). Plain torch ops throughout, so autograd works through it unchan
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["route", "dequantize", "gelu_tanh", "gelu_constants", "linear_reference", "moe_experts_reference", "moe_reference", "resolve_compute_dtype"]
+__all__ = ["ExpertLoRA", "route", "dequantize", "gelu_tanh", "gelu_constants", "linear_reference", "moe_experts_reference", "moe_reference", "resolve_compute_dtype"]
 
 
 def resolve_compute_dtype(w: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -106,6 +107,27 @@ def linear_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | No
     return xf @ (wf.T if transpose else wf)
 
 
+class ExpertLoRA(NamedTuple):
+    """Low-rank adapters of the stacked experts: ``(A [E, in, r], B [E, r, out])`` per matrix, or None.
+
+    Expert e's matrix acts as ``W_e + scale * A_e @ B_e`` without forming it: the gate and up deltas
+    ``scale * (dropout(x) @ A_e) @ B_e`` are added to the pre-activations before the GELU, the down
+    delta to the expert output; in fp32, so an adapter with B = 0 changes no bit.
+    """
+
+    w1: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    w3: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    w2: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    scale: float
+    dropout: float = 0.0  # applied to each adapter's input (pass 0 outside training)
+
+
+def _lora_delta(x: torch.Tensor, ab, e: int, lora: ExpertLoRA) -> torch.Tensor:
+    a, b = ab
+    x = torch.nn.functional.dropout(x, lora.dropout) if lora.dropout else x
+    return (x @ a[e].to(x.dtype)) @ b[e].to(x.dtype) * lora.scale
+
+
 def moe_experts_reference(
     x: torch.Tensor,
     gates: torch.Tensor,
@@ -118,6 +140,7 @@ def moe_experts_reference(
     expert_start: int = 0,
     f_partial: bool = False,
     compute_dtype: torch.dtype | None = None,
+    lora: ExpertLoRA | None = None,
 ) -> torch.Tensor:
     """The experts of a routed MoE layer, routing given: ``sum_k gate_k * expert_k(x)`` over the k
     slots whose expert is held here, as fp32 ``[T, D]`` (fp64 stays fp64). See ``moe_experts``.
@@ -143,9 +166,15 @@ def moe_experts_reference(
         xe = x[rows // K].to(cd)
         g = xe @ dequantize(w1[e], None if s1 is None else s1[e], cd)
         u = xe @ dequantize(w3[e], None if s3 is None else s3[e], cd)
+        if lora is not None and lora.w1 is not None:
+            g = g.to(acc) + _lora_delta(xe.to(acc), lora.w1, e, lora)
+        if lora is not None and lora.w3 is not None:
+            u = u.to(acc) + _lora_delta(xe.to(acc), lora.w3, e, lora)
         a = (gelu_tanh(g.to(acc), cd) * u.to(acc)).to(cd)
         w2e = dequantize(w2[e], None if s2 is None else s2[e], cd)
         ye = a.to(acc) @ w2e.to(acc) if f_partial else a @ w2e
+        if lora is not None and lora.w2 is not None:
+            ye = (ye.to(acc) + _lora_delta(a.to(acc), lora.w2, e, lora)).to(ye.dtype)
         y = y.index_copy(0, rows, ye)
 
     # Weighted sum over slots in slot order, gate rounded to the compute dtype first (official code).
@@ -172,11 +201,12 @@ def moe_reference(
     router_softcap: float | None = None,
     compute_dtype: torch.dtype | None = None,
     expert_ids: torch.Tensor | None = None,
+    lora: ExpertLoRA | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MoE layer: ``route`` then ``moe_experts_reference`` over all experts. See the module docstring."""
     cd = resolve_compute_dtype(w1, compute_dtype)
     probs, gates, topk_ids = route(
         x, router_w, top_k, renormalize=renormalize, router_softcap=router_softcap, expert_ids=expert_ids
     )
-    out = moe_experts_reference(x, gates, topk_ids, w1, w3, w2, scales=scales, compute_dtype=cd)
+    out = moe_experts_reference(x, gates, topk_ids, w1, w3, w2, scales=scales, compute_dtype=cd, lora=lora)
     return out.to(cd), probs, topk_ids

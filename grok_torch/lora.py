@@ -1,0 +1,233 @@
+"""LoRA adapters over the frozen Grok-1 base (int8 as released): attention, every expert, the router.
+
+    add_lora(model, LoRAConfig(rank=8, alpha=16, targets=("attn", "experts")))   # B = 0: logits unchanged
+    ... train the adapters (model.lora_parameters()) ...
+    save_adapter(model, "out/")            # adapter_config.json + adapter_model.safetensors (PEFT layout)
+    load_adapter(model, "out/")            # onto a freshly loaded base; checked against the base config
+
+One low-rank pair per target matrix ``W [in, out]``: ``y = x @ W + scale * (dropout(x) @ A) @ B`` with
+``A [in, r]``, ``B [r, out]``, ``scale = alpha / r``; A starts like PEFT's (Kaiming-uniform), B at 0.
+Targets:
+  "attn":    wq, wk, wv, wo of every layer (``Weight.forward`` adds the adapter's output).
+  "experts": w1, w3, w2 of every layer, one pair per expert (``A [E, in, r]``, ``B [E, r, out]``),
+             applied inside the MoE block: the gate and up deltas enter before the GELU
+             (``grok_torch.kernels.ExpertLoRA``). No ``W + A B`` is ever formed.
+  "router":  the [D, E] router; its delta is tiny and is added to the router weight (no dropout).
+Adapters are fp32 parameters on their matrix's device; the base stays frozen in its dtype.
+
+Saved layout (PEFT's ``save_pretrained`` names: ``base_model.model.<module>.lora_A.weight`` /
+``lora_B.weight``, i.e. ``A^T [r, in]`` and ``B^T [out, r]``). A stacked expert matrix is stored the way
+PEFT's ``target_parameters`` wrapper lays out ``(E, in, out)`` parameters: ``lora_A.weight [E*r, in]``
+(expert e's rows ``e*r ... e*r + r - 1``) and ``lora_B.weight [out, E*r]`` (its columns). Beside
+``adapter_config.json`` (read by ``peft.PeftConfig.from_pretrained``) ``grok_adapter.json`` records the
+base model's architecture, so an adapter is refused on a model it was not trained for.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["LoRAConfig", "LoRA", "TARGETS", "add_lora", "lora_modules", "lora_state_dict", "save_adapter",
+           "load_adapter", "read_adapter_config"]
+
+TARGETS = {"attn": ("wq", "wk", "wv", "wo"), "experts": ("w1", "w3", "w2"), "router": ("router",)}
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, GROK_ADAPTER = "adapter_config.json", "adapter_model.safetensors", "grok_adapter.json"
+PREFIX = "base_model.model."
+
+
+@dataclass
+class LoRAConfig:
+    """rank r, alpha (scale = alpha / r), dropout on each adapter's input, which targets (see TARGETS)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Tuple[str, ...] = ("attn", "experts")
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be an int >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"LoRA targets must be a non-empty subset of {tuple(TARGETS)}, got {self.targets}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRA(nn.Module):
+    """``scale * (dropout(x) @ A) @ B`` for a matrix ``[in, out]``, or a stack ``[E, in, out]`` (A, B per expert)."""
+
+    def __init__(self, shape: Sequence[int], rank: int, alpha: float, dropout: float = 0.0, device=None):
+        super().__init__()
+        *lead, fan_in, fan_out = shape
+        # PEFT's init for lora_A (kaiming_uniform_, a=sqrt(5), on [r, in]): U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1.0 / math.sqrt(fan_in)
+        self.A = nn.Parameter(torch.empty(*lead, fan_in, rank, device=device).uniform_(-bound, bound))
+        self.B = nn.Parameter(torch.zeros(*lead, rank, fan_out, device=device))
+        self.rank, self.scale, self.p = rank, alpha / rank, dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> fp32 [..., out] (2-D adapters; stacked ones go through kernels.ExpertLoRA)."""
+        x = nn.functional.dropout(x.float(), self.p, self.training) if self.p else x.float()
+        return (x @ self.A) @ self.B * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """``scale * A @ B`` [*lead, in, out] (merging, the router)."""
+        return self.A @ self.B * self.scale
+
+
+def _targets(model) -> Iterator[Tuple[str, str, nn.Module]]:
+    """(target kind, module name, module holding ``weight``) for every matrix LoRA can adapt."""
+    for i, layer in enumerate(model.layers):
+        for name in TARGETS["attn"]:
+            yield "attn", f"layers.{i}.attn.{name}", getattr(layer.attn, name)
+        moe = layer.moe
+        if hasattr(moe, "w1"):
+            for name in TARGETS["experts"]:
+                yield "experts", f"layers.{i}.moe.{name}", getattr(moe, name)
+        yield "router", f"layers.{i}.moe.router", moe.router
+
+
+def add_lora(model, config: LoRAConfig) -> List[nn.Parameter]:
+    """Attach fresh adapters (B = 0) to ``config.targets``; returns the new trainable parameters.
+
+    The base stays frozen (``requires_grad=False``). The model's MoE blocks must hold their experts
+    (``device_map`` "experts"/"ffn" shards and expert parallelism across processes are not adaptable yet).
+    """
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("the model already has LoRA adapters (load the base model again to start over)")
+    if "experts" in config.targets and not all(hasattr(layer.moe, "w1") for layer in model.layers):
+        kind = type(model.layers[0].moe).__name__
+        raise NotImplementedError(f"LoRA on experts needs the experts in the MoE block; this model's are split "
+                                  f"across devices or processes ({kind}): use device=... or a device_map of "
+                                  f"accelerate's kinds")
+    params = []
+    for kind, _, module in _targets(model):
+        if kind in config.targets:
+            w = module.weight
+            module.lora = LoRA(w.shape, config.rank, config.alpha, config.dropout, device=w.device)
+            params += [module.lora.A, module.lora.B]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    model.lora_config = config
+    return params
+
+
+def lora_modules(model) -> Dict[str, LoRA]:
+    """{module name: its adapter} for every adapted matrix."""
+    return {name: module.lora for _, name, module in _targets(model) if getattr(module, "lora", None) is not None}
+
+
+def lora_state_dict(model) -> Dict[str, torch.Tensor]:
+    """The adapters in the saved (PEFT) layout: ``base_model.model.<name>.lora_A.weight`` [E*r or r, in] etc."""
+    out = {}
+    for name, lora in lora_modules(model).items():
+        A, B = lora.A.detach(), lora.B.detach()
+        if A.dim() == 3:  # [E, in, r] -> [E*r, in];  [E, r, out] -> [out, E*r]
+            a, b = A.transpose(1, 2).reshape(-1, A.shape[1]), B.permute(2, 0, 1).reshape(B.shape[2], -1)
+        else:
+            a, b = A.T, B.T
+        out[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
+        out[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
+    return out
+
+
+def _peft_config(model, config: LoRAConfig, base_model: Optional[str]) -> dict:
+    mods = [n for t in config.targets if t != "experts" for n in TARGETS[t]]
+    params = [f"moe.{n}.weight" for n in TARGETS["experts"]] if "experts" in config.targets else []
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout, "bias": "none", "target_modules": mods, "target_parameters": params,
+            "base_model_name_or_path": base_model, "inference_mode": True, "fan_in_fan_out": False}
+
+
+def save_adapter(model, out_dir, *, base_model: Optional[str] = None, overwrite: bool = True) -> Path:
+    """Write the adapters to ``out_dir`` (created; files replaced atomically, nothing half-written)."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "lora_config", None)
+    if config is None:
+        raise ValueError("the model has no LoRA adapters to save (add_lora or load_adapter first)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not overwrite and (out / ADAPTER_WEIGHTS).exists():
+        raise FileExistsError(f"{out / ADAPTER_WEIGHTS} exists (pass overwrite=True to replace it)")
+    files = {
+        ADAPTER_CONFIG: json.dumps(_peft_config(model, config, base_model), indent=2),
+        GROK_ADAPTER: json.dumps({"format": 1, "lora": asdict(config), "base_config": model.config.to_dict(),
+                                  "expert_layout": "lora_A [E*r, in] rows e*r.., lora_B [out, E*r] cols e*r.."},
+                                 indent=2),
+    }
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
+        save_file(lora_state_dict(model), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        for name, text in files.items():
+            Path(tmp, name).write_text(text + "\n")
+        for name in (ADAPTER_WEIGHTS, *files):
+            os.replace(os.path.join(tmp, name), out / name)
+    return out
+
+
+def read_adapter_config(adapter_dir) -> Tuple[LoRAConfig, dict]:
+    """(LoRAConfig, base config dict) of a saved adapter, with one-line errors naming the file."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"adapter directory {d} does not exist")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, GROK_ADAPTER):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d / name} is missing: not an adapter written by grok_torch (save_adapter / "
+                                    f"grok-finetune)")
+    try:
+        meta = json.loads((d / GROK_ADAPTER).read_text())
+        return LoRAConfig(**meta["lora"]), meta["base_config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{d / GROK_ADAPTER} is not a valid adapter description: {e}") from None
+
+
+def load_adapter(model, adapter_dir) -> LoRAConfig:
+    """Attach the adapters saved in ``adapter_dir``; refuses a model of another architecture."""
+    from safetensors.torch import load_file
+
+    config, base = read_adapter_config(adapter_dir)
+    mine = model.config.to_dict()
+    diff = sorted(k for k in set(base) | set(mine)
+                  if k not in ("name", "weight_format") and base.get(k) != mine.get(k))
+    if diff:
+        raise ValueError(f"adapter {adapter_dir} was trained for another base model: "
+                         + ", ".join(f"{k} {base.get(k)!r} (model: {mine.get(k)!r})" for k in diff[:4]))
+    add_lora(model, config)
+    want = lora_state_dict(model)
+    got = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"adapter {adapter_dir}: tensors do not match its config (missing {missing[:2]}, "
+                         f"unexpected {extra[:2]})")
+    for name, lora in lora_modules(model).items():
+        a, b = got[f"{PREFIX}{name}.lora_A.weight"], got[f"{PREFIX}{name}.lora_B.weight"]
+        if lora.A.dim() == 3:
+            E, fin, r = lora.A.shape
+            a, b = a.reshape(E, r, fin).transpose(1, 2), b.reshape(b.shape[0], E, r).permute(1, 2, 0)
+        else:
+            a, b = a.T, b.T
+        for dst, src, which in ((lora.A, a, "lora_A"), (lora.B, b, "lora_B")):
+            if dst.shape != src.shape:
+                raise ValueError(f"adapter {adapter_dir}: {name}.{which} has shape {tuple(src.shape)}, "
+                                 f"expected {tuple(dst.shape)}")
+            with torch.no_grad():
+                dst.copy_(src)
+    return config

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto",
                    help="kernels (MoE, attention, attention projections): triton on CUDA / the PyTorch reference "
                    "elsewhere (auto, default), or forced")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="apply a LoRA adapter (a grok-finetune output directory) without merging it")
     p.add_argument("--attn-precision", choices=("fp32", "bf16"), default="fp32",
                    help="attention math: fp32 (default, faithful: exact int8 weights, fp32 products) or bf16 "
                    "(bf16 operands, fp32 accumulation: tensor cores on a GPU; within SPEC 8's bf16 bounds)")
@@ -189,13 +191,13 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         if expert_parallel:
             model = Grok.from_pretrained(args.model, dtype=dtype, device=device, impl=args.impl,
-                                         expert_parallel=expert_parallel)
+                                         expert_parallel=expert_parallel, adapter=args.adapter)
         elif args.device_map is not None:
             if args.device is not None:
                 raise ValueError("pass --device (one device) or --device-map (several GPUs), not both")
-            model = Grok.from_pretrained(args.model, dtype=dtype, device_map=args.device_map, impl=args.impl)
+            model = Grok.from_pretrained(args.model, dtype=dtype, device_map=args.device_map, impl=args.impl, adapter=args.adapter)
         else:
-            model = Grok.from_pretrained(args.model, dtype=dtype, device=args.device or "cpu", impl=args.impl)
+            model = Grok.from_pretrained(args.model, dtype=dtype, device=args.device or "cpu", impl=args.impl, adapter=args.adapter)
         model.attn_precision = args.attn_precision
         if args.cuda_graph == "on" and graph_blocker(model):
             raise ValueError(f"--cuda-graph on: the decode step cannot be captured: {graph_blocker(model)} "

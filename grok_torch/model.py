@@ -213,7 +213,7 @@ class Grok(nn.Module):
                         device: Union[str, torch.device, None] = None, config: Optional[GrokConfig] = None,
                         impl: str = "auto", *, device_map=None, max_memory=None, devices=None,
                         expert_parallel: Union[bool, str] = False, process_group=None,
-                        torch_dtype: Optional[torch.dtype] = None) -> "Grok":
+                        torch_dtype: Optional[torch.dtype] = None, adapter=None) -> "Grok":
         """Load a grok-convert output directory (config.json + safetensors) without a second copy.
 
         The model is built on the meta device and each loaded tensor becomes its parameter on its
@@ -231,14 +231,29 @@ class Grok(nn.Module):
           ``expert_parallel``: inside an initialised torch.distributed process group, this rank
             holds the shared weights and its share of the experts (True or "experts") or of every
             expert's hidden dim ("ffn"); see ``grok_torch.parallel.distributed``.
+
+        ``adapter``: a LoRA adapter directory (``grok-finetune`` output or ``grok_torch.lora.save_adapter``)
+        applied on top of the loaded weights without merging; refused when trained for another model.
         """
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
                 raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree (torch_dtype is an alias)")
             dtype = torch_dtype
-        return load_pretrained(cls, path, dtype=dtype or torch.bfloat16, device=device, config=config, impl=impl,
-                               device_map=device_map, max_memory=max_memory, devices=devices,
-                               expert_parallel=expert_parallel, process_group=process_group)
+        if adapter is not None:  # fail on a bad adapter before reading any weight
+            from grok_torch.lora import read_adapter_config
+
+            read_adapter_config(adapter)
+        model = load_pretrained(cls, path, dtype=dtype or torch.bfloat16, device=device, config=config, impl=impl,
+                                device_map=device_map, max_memory=max_memory, devices=devices,
+                                expert_parallel=expert_parallel, process_group=process_group)
+        if adapter is not None:
+            from grok_torch.lora import load_adapter
+
+            load_adapter(model, adapter)
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)  # inference: the adapters are applied, not trained
+        return model
 
     @property
     def impl(self) -> str:

@@ -165,3 +165,23 @@ def test_peft_reads_the_adapter_config(fresh, tmp_path):
     save_adapter(m, tmp_path)
     cfg = peft.PeftConfig.from_pretrained(str(tmp_path))
     assert cfg.peft_type == "LORA" and cfg.r == 4 and cfg.lora_alpha == 8
+
+
+@torch.no_grad()
+def test_from_pretrained_and_grok_generate_apply_an_adapter(fresh, converted, tmp_path, capsys):
+    from grok_torch.generate_cli import main
+
+    m = fresh(FP32)
+    add_lora(m, LoRAConfig(rank=2, targets=ALL))
+    randomize_b(m, seed=2)
+    save_adapter(m, tmp_path / "ad")
+    loaded = Grok.from_pretrained(converted("int8"), dtype=FP32, impl="torch", adapter=tmp_path / "ad")
+    assert torch.equal(loaded(TOK), m(TOK))
+    assert not any(p.requires_grad for p in loaded.parameters())
+    argv = ["--model", str(converted("int8")), "--prompt-ids", "25,376,378", "--max-new-tokens", "3",
+            "--temperature", "0", "--dtype", "fp32"]
+    assert main(argv + ["--adapter", str(tmp_path / "ad")]) == 0
+    assert len(capsys.readouterr().out.strip().split(",")) == 3
+    assert main(argv + ["--adapter", str(tmp_path / "missing")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adapter directory" in err[0] and "does not exist" in err[0]

@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["grok_torch", "grok_torch.kernels", "grok_torch.convert", "grok_torch.parallel"],
+    packages=["grok_torch", "grok_torch.kernels", "grok_torch.convert", "grok_torch.parallel", "grok_torch.finetune"],
     package_dir={"grok_torch": "grok_torch", "grok_torch.kernels": "kernels", "grok_torch.convert": "convert"},
     install_requires=[
         "torch==2.13.0",

@@ -30,6 +30,7 @@ setup(
             "grok-convert=grok_torch.convert.cli:main",
             "grok-generate=grok_torch.generate_cli:main",
             "grok-plan=grok_torch.plan:main",
+            "grok-finetune=grok_torch.finetune.cli:main",
         ]
     },
 )

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 __all__ = ["LoRAConfig", "LoRA", "TARGETS", "add_lora", "lora_modules", "lora_state_dict", "save_adapter",
-           "load_adapter", "read_adapter_config"]
+           "load_adapter", "load_adapter_weights", "read_adapter_config"]
 
 TARGETS = {"attn": ("wq", "wk", "wv", "wo"), "experts": ("w1", "w3", "w2"), "router": ("router",)}
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, GROK_ADAPTER = "adapter_config.json", "adapter_model.safetensors", "grok_adapter.json"
@@ -109,7 +109,7 @@ def add_lora(model, config: LoRAConfig) -> List[nn.Parameter]:
     The base stays frozen (``requires_grad=False``). The model's MoE blocks must hold their experts
     (``device_map`` "experts"/"ffn" shards and expert parallelism across processes are not adaptable yet).
     """
-    if getattr(model, "lora_config", None) is not None:
+    if model.lora_config is not None:
         raise ValueError("the model already has LoRA adapters (load the base model again to start over)")
     if "experts" in config.targets and not all(hasattr(layer.moe, "w1") for layer in model.layers):
         kind = type(model.layers[0].moe).__name__
@@ -161,7 +161,7 @@ def save_adapter(model, out_dir, *, base_model: Optional[str] = None, overwrite:
     """Write the adapters to ``out_dir`` (created; files replaced atomically, nothing half-written)."""
     from safetensors.torch import save_file
 
-    config = getattr(model, "lora_config", None)
+    config = model.lora_config
     if config is None:
         raise ValueError("the model has no LoRA adapters to save (add_lora or load_adapter first)")
     out = Path(out_dir)
@@ -201,8 +201,6 @@ def read_adapter_config(adapter_dir) -> Tuple[LoRAConfig, dict]:
 
 def load_adapter(model, adapter_dir) -> LoRAConfig:
     """Attach the adapters saved in ``adapter_dir``; refuses a model of another architecture."""
-    from safetensors.torch import load_file
-
     config, base = read_adapter_config(adapter_dir)
     mine = model.config.to_dict()
     diff = sorted(k for k in set(base) | set(mine)
@@ -211,6 +209,14 @@ def load_adapter(model, adapter_dir) -> LoRAConfig:
         raise ValueError(f"adapter {adapter_dir} was trained for another base model: "
                          + ", ".join(f"{k} {base.get(k)!r} (model: {mine.get(k)!r})" for k in diff[:4]))
     add_lora(model, config)
+    load_adapter_weights(model, adapter_dir)
+    return config
+
+
+def load_adapter_weights(model, adapter_dir) -> None:
+    """Copy the saved tensors of ``adapter_dir`` into the model's existing adapters (same config)."""
+    from safetensors.torch import load_file
+
     want = lora_state_dict(model)
     got = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
@@ -230,4 +236,3 @@ def load_adapter(model, adapter_dir) -> LoRAConfig:
                                  f"expected {tuple(dst.shape)}")
             with torch.no_grad():
                 dst.copy_(src)
-    return config

@@ -165,8 +165,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, pos_BT: torch.Tensor, key_valid: torch.Tensor,
                 cache: Optional[KVCache] = None, layer: int = 0,
-                expert_ids: Optional[torch.Tensor] = None, causal_offset: Optional[int] = None) -> torch.Tensor:
+                expert_ids: Optional[torch.Tensor] = None, causal_offset: Optional[int] = None,
+                router_stats: Optional[list] = None) -> torch.Tensor:
         """h [B, T, D] fp32 residual stream -> new residual stream. expert_ids [B, T, k] forces routing.
+        router_stats: a list that receives (router logits [B*T, E] fp32, probs, top-k ids) of this layer.
 
         The residual stream stays fp32: XLA never materialises it in bf16 between these ops, and
         rounding it costs 1.3x in logits parity on tiny_ref. Only the MoE experts compute in the
@@ -176,7 +178,9 @@ class DecoderLayer(nn.Module):
         h = h + self.attn_post_norm(self.attn(self.attn_norm(h), pos_BT, key_valid, cache, layer, causal_offset))
         m_in = self.moe_norm(h).view(B * T, D)  # fp32: the router consumes the unrounded norm output
         ids = None if expert_ids is None else expert_ids.reshape(B * T, -1)
-        m, _, _ = self.moe(m_in, ids)
+        m, probs, topk = self.moe(m_in, ids)
+        if router_stats is not None:  # for the auxiliary losses of fine-tuning (grok_torch.finetune.losses)
+            router_stats.append((m_in @ self.moe.router.effective_weight(), probs, topk))
         return h + self.moe_post_norm(m.view(B, T, D))
 
 
@@ -206,6 +210,8 @@ class Grok(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, dtype, quantized) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.impl = impl
+        self.gradient_checkpointing = False  # fine-tuning: recompute each layer in backward
+        self.lora_config = None  # set by grok_torch.lora when adapters are attached
 
     # ---- construction ----
     @classmethod
@@ -314,7 +320,7 @@ class Grok(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                 expert_ids: Optional[torch.Tensor] = None, *, logits_to_keep: Union[int, torch.Tensor] = 0,
-                static_shapes: bool = False) -> torch.Tensor:
+                static_shapes: bool = False, router_stats: Optional[list] = None) -> torch.Tensor:
         """tokens [B, T] int -> logits [B, T, V] (activation dtype).
 
         cache: decode/prefill through a KVCache; tokens are written at ``cache.pos`` and it advances by T.
@@ -328,6 +334,12 @@ class Grok(nn.Module):
             checks prompts on the host, sampled ids are in range by construction) and attention
             visits the whole preallocated cache with a mask instead of skipping its unwritten tail.
             Same values as the default path up to fp32 summation order.
+        router_stats: a list that receives each layer's (router logits, probs, top-k ids), for the
+            load-balancing and z losses of fine-tuning.
+
+        With ``model.gradient_checkpointing = True`` and autograd recording, each layer's activations
+        are recomputed in backward instead of kept (``torch.utils.checkpoint``, RNG state preserved,
+        so dropout masks repeat).
         """
         self._check_shapes(tokens, cache)
         start = None if static_shapes else self._check_values(tokens, cache)
@@ -346,9 +358,16 @@ class Grok(nn.Module):
 
         # jit makes the multiplier a bf16 constant (78.5) but multiplies the fp32 rows unrounded
         h = self.embed.weight[tokens].float() * as_dtype(cfg.embedding_multiplier, dt)
+        checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
             ids = None if expert_ids is None else expert_ids[:, i]
-            h = layer(h, pos_BT, key_valid, cache, i, ids, causal_offset)
+            if checkpoint:
+                from torch.utils.checkpoint import checkpoint as recompute
+
+                h = recompute(layer, h, pos_BT, key_valid, None, i, ids, causal_offset, router_stats,
+                              use_reentrant=False)
+            else:
+                h = layer(h, pos_BT, key_valid, cache, i, ids, causal_offset, router_stats)
         if cache is not None:
             cache.pos += T
         return self.head(self.norm(keep_positions(h, logits_to_keep)))

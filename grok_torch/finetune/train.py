@@ -117,8 +117,8 @@ class TrainConfig:
             raise ValueError(f"--lora-targets must be a comma list of {', '.join(TARGETS)}, got {','.join(self.lora_targets)}")
 
     def fingerprint(self) -> Dict:
-        """The settings that define the computation (compared on resume)."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE}
+        """The settings that define the computation (compared on resume), as JSON values."""
+        return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k not in RESUMABLE}))
 
 
 def latest_checkpoint(out_dir) -> Optional[Path]:
@@ -301,13 +301,20 @@ def finetune(cfg: TrainConfig) -> dict:
     """Run (or resume) a fine-tuning run; returns {"steps", "final_loss", "eval", "output_dir", ...}."""
     from grok_torch.finetune.data import load_corpus
 
-    ckpt = _prepare_output(cfg)
+    from grok_torch.config import GrokConfig
+
+    config_json = Path(cfg.model) / "config.json"
+    if not config_json.is_file():
+        raise ValueError(f"--model {cfg.model}: no config.json (pass a directory written by grok-convert)")
+    max_len = GrokConfig.from_json(config_json).max_seq_len
+    if cfg.seq_len < 1 or cfg.seq_len > max_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model context max_seq_len={max_len}"
+                         if cfg.seq_len > 1 else f"--seq-len must be >= 1, got {cfg.seq_len}")
+    ckpt = _prepare_output(cfg)  # before the model loads: a refused OUT costs nothing
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     model = _load_model(cfg)
     mcfg = model.config
-    if cfg.seq_len > mcfg.max_seq_len:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model context max_seq_len={mcfg.max_seq_len}")
     train, evalset, stats = load_corpus(cfg.data, _tokenizer(cfg), seq_len=cfg.seq_len, vocab_size=mcfg.vocab_size,
                                         eos_id=mcfg.eos_token_id, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
                                         max_seq_len=mcfg.max_seq_len, format=cfg.data_format,

@@ -91,37 +91,50 @@ class LoRA(nn.Module):
         return self.A @ self.B * self.scale
 
 
-def _targets(model) -> Iterator[Tuple[str, str, nn.Module]]:
-    """(target kind, module name, module holding ``weight``) for every matrix LoRA can adapt."""
+def _targets(model) -> Iterator[Tuple[str, str, List[nn.Module]]]:
+    """(target kind, canonical name, modules holding the matrix) for every matrix LoRA can adapt.
+
+    One holder, except the experts of a ``ShardedMoE`` split by experts (``device_map="experts"`` or an
+    accelerate map): its shards in expert order, whose adapters are saved concatenated along E, so an
+    adapter does not depend on the placement it was trained with.
+    """
     for i, layer in enumerate(model.layers):
         for name in TARGETS["attn"]:
-            yield "attn", f"layers.{i}.attn.{name}", getattr(layer.attn, name)
+            yield "attn", f"layers.{i}.attn.{name}", [getattr(layer.attn, name)]
         moe = layer.moe
+        holders = None
         if hasattr(moe, "w1"):
+            holders = [moe]
+        elif hasattr(moe, "shards") and moe.split == "experts":
+            holders = sorted(moe.shards, key=lambda shard: shard.spec.expert_start)
+        if holders is not None:
             for name in TARGETS["experts"]:
-                yield "experts", f"layers.{i}.moe.{name}", getattr(moe, name)
-        yield "router", f"layers.{i}.moe.router", moe.router
+                yield "experts", f"layers.{i}.moe.{name}", [getattr(h, name) for h in holders]
+        yield "router", f"layers.{i}.moe.router", [moe.router]
 
 
 def add_lora(model, config: LoRAConfig) -> List[nn.Parameter]:
     """Attach fresh adapters (B = 0) to ``config.targets``; returns the new trainable parameters.
 
-    The base stays frozen (``requires_grad=False``). The model's MoE blocks must hold their experts
-    (``device_map`` "experts"/"ffn" shards and expert parallelism across processes are not adaptable yet).
+    The base stays frozen (``requires_grad=False``). Experts can be adapted on one device and with the
+    experts split over devices (``device_map`` "experts" or accelerate's maps); not yet with every
+    expert's hidden dim split ("ffn") or across processes (expert parallelism).
     """
     if model.lora_config is not None:
         raise ValueError("the model already has LoRA adapters (load the base model again to start over)")
-    if "experts" in config.targets and not all(hasattr(layer.moe, "w1") for layer in model.layers):
+    if "experts" in config.targets and not all(hasattr(layer.moe, "w1") or getattr(layer.moe, "split", None) ==
+                                               "experts" for layer in model.layers):
         kind = type(model.layers[0].moe).__name__
-        raise NotImplementedError(f"LoRA on experts needs the experts in the MoE block; this model's are split "
-                                  f"across devices or processes ({kind}): use device=... or a device_map of "
-                                  f"accelerate's kinds")
+        split = getattr(model.layers[0].moe, "split", "across processes")
+        raise NotImplementedError(f"LoRA on experts is not available with the experts' hidden dim split ({kind}, "
+                                  f"{split}): use device_map='experts' or an accelerate map, or --lora-targets attn")
     params = []
-    for kind, _, module in _targets(model):
+    for kind, _, holders in _targets(model):
         if kind in config.targets:
-            w = module.weight
-            module.lora = LoRA(w.shape, config.rank, config.alpha, config.dropout, device=w.device)
-            params += [module.lora.A, module.lora.B]
+            for module in holders:
+                w = module.weight
+                module.lora = LoRA(w.shape, config.rank, config.alpha, config.dropout, device=w.device)
+                params += [module.lora.A, module.lora.B]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -131,21 +144,29 @@ def add_lora(model, config: LoRAConfig) -> List[nn.Parameter]:
 
 
 def lora_modules(model) -> Dict[str, LoRA]:
-    """{module name: its adapter} for every adapted matrix."""
-    return {name: module.lora for _, name, module in _targets(model) if getattr(module, "lora", None) is not None}
+    """{module path: its adapter} for every adapted matrix (a sharded expert matrix: one per shard)."""
+    return {f"{path}.lora": m for path, m in model.named_modules() if isinstance(m, LoRA)}
+
+
+def _adapted(model) -> Iterator[Tuple[str, List[LoRA]]]:
+    for _, name, holders in _targets(model):
+        loras = [getattr(h, "lora", None) for h in holders]
+        if loras[0] is not None:
+            yield name, loras
 
 
 def lora_state_dict(model) -> Dict[str, torch.Tensor]:
     """The adapters in the saved (PEFT) layout: ``base_model.model.<name>.lora_A.weight`` [E*r or r, in] etc."""
     out = {}
-    for name, lora in lora_modules(model).items():
-        A, B = lora.A.detach(), lora.B.detach()
+    for name, loras in _adapted(model):
+        A = torch.cat([lo.A.detach().cpu() for lo in loras]) if len(loras) > 1 else loras[0].A.detach().cpu()
+        B = torch.cat([lo.B.detach().cpu() for lo in loras]) if len(loras) > 1 else loras[0].B.detach().cpu()
         if A.dim() == 3:  # [E, in, r] -> [E*r, in];  [E, r, out] -> [out, E*r]
             a, b = A.transpose(1, 2).reshape(-1, A.shape[1]), B.permute(2, 0, 1).reshape(B.shape[2], -1)
         else:
             a, b = A.T, B.T
-        out[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
-        out[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
+        out[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        out[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
     return out
 
 
@@ -223,16 +244,20 @@ def load_adapter_weights(model, adapter_dir) -> None:
     if missing or extra:
         raise ValueError(f"adapter {adapter_dir}: tensors do not match its config (missing {missing[:2]}, "
                          f"unexpected {extra[:2]})")
-    for name, lora in lora_modules(model).items():
+    for name, loras in _adapted(model):
         a, b = got[f"{PREFIX}{name}.lora_A.weight"], got[f"{PREFIX}{name}.lora_B.weight"]
-        if lora.A.dim() == 3:
-            E, fin, r = lora.A.shape
+        if loras[0].A.dim() == 3:
+            E = sum(lo.A.shape[0] for lo in loras)
+            fin, r = loras[0].A.shape[1:]
             a, b = a.reshape(E, r, fin).transpose(1, 2), b.reshape(b.shape[0], E, r).permute(1, 2, 0)
+            sizes = [lo.A.shape[0] for lo in loras]
+            pieces = zip(loras, a.split(sizes), b.split(sizes))
         else:
-            a, b = a.T, b.T
-        for dst, src, which in ((lora.A, a, "lora_A"), (lora.B, b, "lora_B")):
-            if dst.shape != src.shape:
-                raise ValueError(f"adapter {adapter_dir}: {name}.{which} has shape {tuple(src.shape)}, "
-                                 f"expected {tuple(dst.shape)}")
-            with torch.no_grad():
-                dst.copy_(src)
+            pieces = [(loras[0], a.T, b.T)]
+        for lora, pa, pb in pieces:
+            for dst, src, which in ((lora.A, pa, "lora_A"), (lora.B, pb, "lora_B")):
+                if dst.shape != src.shape:
+                    raise ValueError(f"adapter {adapter_dir}: {name}.{which} has shape {tuple(src.shape)}, "
+                                     f"expected {tuple(dst.shape)}")
+                with torch.no_grad():
+                    dst.copy_(src)

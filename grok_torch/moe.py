@@ -22,7 +22,7 @@ from torch import nn
 from grok_torch.config import GrokConfig
 from grok_torch.weights import Weight
 
-__all__ = ["MoE", "RoutedMoE", "Router"]
+__all__ = ["MoE", "RoutedMoE", "Router", "expert_lora"]
 
 
 class Router(nn.Module):
@@ -93,16 +93,20 @@ class MoE(RoutedMoE):
             x_TD, self.router.effective_weight(), self.w1.weight, self.w3.weight, self.w2.weight,
             top_k=self.top_k, scales=scales, renormalize=self.renormalize,
             router_softcap=self.router_softcap, compute_dtype=self.dtype,
-            expert_ids=expert_ids_TK, impl=self.impl, lora=self.expert_lora(),
+            expert_ids=expert_ids_TK, impl=self.impl, lora=expert_lora(self),
         )
 
-    def expert_lora(self):
-        """The experts' adapters as ``grok_torch.kernels.ExpertLoRA`` (None when none is attached)."""
-        from grok_torch.kernels import ExpertLoRA
 
-        loras = [w.lora for w in (self.w1, self.w3, self.w2)]
-        if all(lo is None for lo in loras):
-            return None
-        first = next(lo for lo in loras if lo is not None)
-        return ExpertLoRA(*[None if lo is None else (lo.A, lo.B) for lo in loras], scale=first.scale,
-                          dropout=first.p if self.training else 0.0)
+def expert_lora(block: nn.Module):
+    """The adapters of ``block.w1 / w3 / w2`` (stacked experts) as ``grok_torch.kernels.ExpertLoRA``, or None.
+
+    Dropout is on only while ``block.training``.
+    """
+    from grok_torch.kernels import ExpertLoRA
+
+    loras = [w.lora for w in (block.w1, block.w3, block.w2)]
+    if all(lo is None for lo in loras):
+        return None
+    first = next(lo for lo in loras if lo is not None)
+    return ExpertLoRA(*[None if lo is None else (lo.A, lo.B) for lo in loras], scale=first.scale,
+                      dropout=first.p if block.training else 0.0)

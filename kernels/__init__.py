@@ -164,6 +164,7 @@ def moe_experts(
     compute_dtype: torch.dtype | None = None,
     impl: str = "auto",
     deterministic: bool = True,
+    lora: ExpertLoRA | None = None,
 ) -> torch.Tensor:
     """The expert half of the MoE layer, routing given (from ``moe_router`` on the token's device).
 
@@ -182,14 +183,18 @@ def moe_experts(
         f_partial:    the weights hold a slice of F: each expert's down projection is a partial sum
                       and is not rounded to the compute dtype before the gate (the reference rounds
                       a complete one, as fused_moe does; the Triton kernels never round it).
+        lora:         ``ExpertLoRA`` of these experts (indexed like w1), as in ``fused_moe``.
 
     With top_k = 2 (Grok-1), the sum of the expert-split partials equals ``fused_moe``'s output bit
     for bit before the final cast: a token's two slots are either in one partial, in the same
     order, or in two (fp32 addition of two terms commutes, and the other partials add exact zeros).
     """
     kwargs = dict(scales=scales, expert_start=expert_start, compute_dtype=compute_dtype)
-    if resolve_impl(impl, x) == "torch":
-        return moe_experts_reference(x, gates, topk_ids, w1, w3, w2, f_partial=f_partial, **kwargs)
+    if lora is not None or resolve_impl(impl, x) == "torch":
+        if lora is not None and resolve_impl(impl, x) == "triton":
+            _warn_once("moe_experts: expert LoRA adapters run on the PyTorch reference (the Triton kernels "
+                       "do not take adapters yet)")
+        return moe_experts_reference(x, gates, topk_ids, w1, w3, w2, f_partial=f_partial, lora=lora, **kwargs)
     from .ops import moe_experts_triton
 
     return moe_experts_triton(x, gates, topk_ids, w1, w3, w2, deterministic=deterministic, **kwargs)

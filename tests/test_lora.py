@@ -185,3 +185,24 @@ def test_from_pretrained_and_grok_generate_apply_an_adapter(fresh, converted, tm
     assert main(argv + ["--adapter", str(tmp_path / "missing")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "adapter directory" in err[0] and "does not exist" in err[0]
+
+
+@torch.no_grad()
+def test_adapters_with_the_experts_split_over_devices(fresh, converted, tmp_path):
+    """device_map="experts" (4 cpu devices standing in for GPUs): each shard holds its experts' adapters;
+    saved, they are the one-device layout (concatenated along E), and the logits match either way."""
+    one = fresh(FP32)
+    add_lora(one, LoRAConfig(rank=2, targets=ALL))
+    randomize_b(one, seed=4)
+    save_adapter(one, tmp_path / "one")
+    split = Grok.from_pretrained(converted("int8"), dtype=FP32, impl="torch", device_map="experts", devices=["cpu"] * 4)
+    load_adapter(split, tmp_path / "one")
+    assert sum(".shards." in name for name in lora_modules(split)) == 3 * 4 * len(split.layers)
+    assert torch.equal(split(TOK), one(TOK))  # top-2 partial sums: bit-equal, as without adapters
+    save_adapter(split, tmp_path / "split")
+    assert (tmp_path / "split" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "one" / "adapter_model.safetensors").read_bytes()
+    ffn = Grok.from_pretrained(converted("int8"), dtype=FP32, impl="torch", device_map="ffn", devices=["cpu"] * 2)
+    with pytest.raises(NotImplementedError, match="hidden dim split"):
+        add_lora(ffn, LoRAConfig(rank=2))
+    add_lora(ffn, LoRAConfig(rank=2, targets=("attn", "router")))  # the rest adapts

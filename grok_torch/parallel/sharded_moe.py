@@ -103,13 +103,14 @@ class ExpertShard(nn.Module):
                 compute_dtype: torch.dtype, impl: str) -> torch.Tensor:
         """fp32 partial [T, D] of the tokens' slots held here (all tokens for an F slice)."""
         from grok_torch.kernels import moe_experts
+        from grok_torch.moe import expert_lora
 
         ws = (self.w1, self.w3, self.w2)
         return moe_experts(
             x_TD, gates_TK, ids_TK, *(w.weight for w in ws),
             scales=tuple(w.scales for w in ws) if self.w1.quantized else None,
             expert_start=self.spec.expert_start, f_partial=self.spec.f_partial,
-            compute_dtype=compute_dtype, impl=impl,
+            compute_dtype=compute_dtype, impl=impl, lora=expert_lora(self),
         )
 
 

@@ -24,7 +24,7 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.24",
     ],
-    extras_require={"dev": ["pytest>=8"]},
+    extras_require={"dev": ["pytest>=8"], "peft": ["peft>=0.17"]},
     entry_points={
         "console_scripts": [
             "grok-convert=grok_torch.convert.cli:main",

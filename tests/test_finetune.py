@@ -135,3 +135,14 @@ def test_cli_help_run_and_errors(converted, corpus, tmp_path, capsys):
     assert main(argv[:2] + ["--data", str(bad)] + argv[4:] + ["--overwrite"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "99999" in err
+
+
+def test_tensorboard_flag_needs_the_package(converted, corpus, tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package"):
+            finetune(cfg(converted, corpus, tmp_path, max_steps=1, tensorboard=True))
+        return
+    finetune(cfg(converted, corpus, tmp_path, max_steps=2, tensorboard=True))
+    assert any((tmp_path / "tensorboard").iterdir())

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tokenizer", help="tokenizer.model (default MODEL/tokenizer.model)")
     a("--data-format", choices=("text", "text-lines", "jsonl"), help="override the per-file format detection")
     a("--csv", action="store_true", help="also write OUT/metrics.csv")
+    a("--tensorboard", action="store_true", help="also log to OUT/tensorboard (needs the tensorboard package)")
     a("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -104,7 +105,8 @@ def _train(argv: List[str]) -> int:
         overwrite=args.overwrite, seed=args.seed, aux_loss_weight=args.aux_loss_weight,
         z_loss_weight=args.z_loss_weight, gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,
         device=args.device, device_map=args.device_map, impl=args.impl, tokenizer=args.tokenizer,
-        data_format=args.data_format, csv=args.csv, progress=not args.no_progress)
+        data_format=args.data_format, csv=args.csv, tensorboard=args.tensorboard,
+        progress=not args.no_progress)
     res = finetune(cfg)
     ev = res["eval"]
     print(f"grok-finetune: {res['steps']} steps, final loss {res['final_loss']:.4f}"

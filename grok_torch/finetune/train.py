@@ -18,7 +18,8 @@ Output directory (nothing of the user's is overwritten: a directory that holds a
     OUT/adapter_config.json, adapter_model.safetensors, grok_adapter.json   the final adapter
     OUT/metrics.jsonl      one JSON object per logged step (loss, lm/aux/z loss, lr, grad norm,
                            tokens/s, peak memory) and per evaluation (eval loss, perplexity)
-    OUT/metrics.csv        the same, with ``csv=True``;   OUT/loss.png   the loss curve, at the end
+    OUT/metrics.csv        the same, with ``csv=True``; OUT/tensorboard/ with ``tensorboard=True``
+    OUT/loss.png           the loss curve, at the end
 ``resume=True`` continues from the newest checkpoint: adapters, optimizer, scheduler, data
 position and RNG come back, metrics.jsonl is cut back to that step, so the curve and the final
 adapter are an uninterrupted run's (``max_steps`` may be raised; the cosine schedule then follows
@@ -46,8 +47,8 @@ __all__ = ["TrainConfig", "finetune", "latest_checkpoint"]
 
 STATE_FILE = "trainer_state.pt"
 # settings that may change on --resume (they do not change what the run computes up to max_steps)
-RESUMABLE = ("max_steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "csv", "progress",
-             "output_dir", "model", "device", "plot")
+RESUMABLE = ("max_steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "csv", "tensorboard",
+             "progress", "output_dir", "model", "device", "plot")
 
 
 @dataclass
@@ -88,6 +89,7 @@ class TrainConfig:
     tokenizer: Optional[str] = None
     data_format: Optional[str] = None
     csv: bool = False
+    tensorboard: bool = False
     progress: bool = True
     plot: bool = True
 
@@ -174,11 +176,18 @@ def _peak_memory(device) -> int:
 
 
 class _Metrics:
-    """metrics.jsonl (and .csv) in OUT; on resume the lines after the checkpoint's step are dropped."""
+    """metrics.jsonl (and .csv, TensorBoard) in OUT; on resume the lines after the checkpoint's step are dropped."""
 
-    def __init__(self, out: Path, csv: bool, resume_step: Optional[int]):
+    def __init__(self, out: Path, csv: bool, resume_step: Optional[int], tensorboard: bool = False):
         self.path, self.csv = out / "metrics.jsonl", out / "metrics.csv" if csv else None
         self.rows: List[dict] = []
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
         if resume_step is not None and self.path.exists():
             self.rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
@@ -189,6 +198,11 @@ class _Metrics:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self._write_csv()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
 
     def _write_csv(self) -> None:
         if self.csv is None:
@@ -324,7 +338,7 @@ def finetune(cfg: TrainConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     device = model.embed.weight.device
     start = _restore(ckpt, model, cfg, opt, sched, train) if ckpt is not None else 0
-    metrics = _Metrics(out, cfg.csv, start if ckpt is not None else None)
+    metrics = _Metrics(out, cfg.csv, start if ckpt is not None else None, cfg.tensorboard)
     (out / "data_stats.txt").write_text(str(stats) + "\n")
 
     from tqdm.auto import tqdm

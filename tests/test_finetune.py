@@ -146,3 +146,14 @@ def test_tensorboard_flag_needs_the_package(converted, corpus, tmp_path):
         return
     finetune(cfg(converted, corpus, tmp_path, max_steps=2, tensorboard=True))
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_cli_merge(converted, corpus, tmp_path, capsys):
+    finetune(cfg(converted, corpus, tmp_path / "run", max_steps=2))
+    argv = ["merge", "--model", str(converted("int8")), "--adapter", str(tmp_path / "run"),
+            "--output-dir", str(tmp_path / "merged"), "--dtype", "fp32", "--no-progress"]
+    assert main(argv) == 0 and "wrote" in capsys.readouterr().out
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert main(argv) == 2  # OUT exists now
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("grok-finetune merge:") and "overwrite" in err[0]

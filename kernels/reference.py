@@ -128,6 +128,30 @@ def _lora_delta(x: torch.Tensor, ab, e: int, lora: ExpertLoRA) -> torch.Tensor:
     return (x @ a[e].to(x.dtype)) @ b[e].to(x.dtype) * lora.scale
 
 
+class _DequantMatmul(torch.autograd.Function):
+    """``x @ dequantize(w, s, cd)`` that saves the stored (int8) matrix, not its dequantised copy, for
+    backward (which dequantises again): training through frozen experts keeps no expert copy alive."""
+
+    @staticmethod
+    def forward(ctx, x, w, s, cd):
+        ctx.save_for_backward(w, s)
+        ctx.cd = cd
+        return x @ dequantize(w, s, cd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        w, s = ctx.saved_tensors
+        return dy @ dequantize(w, s, ctx.cd).to(dy.dtype).T, None, None, None
+
+
+def _expert_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor:
+    """x @ deq(w): dequantised (rounded) to cd, multiplied in x's dtype; through _DequantMatmul when only
+    x needs a gradient (frozen weights)."""
+    if torch.is_grad_enabled() and x.requires_grad and not w.requires_grad:
+        return _DequantMatmul.apply(x, w, s, cd)
+    return x @ dequantize(w, s, cd).to(x.dtype)
+
+
 def moe_experts_reference(
     x: torch.Tensor,
     gates: torch.Tensor,
@@ -164,15 +188,15 @@ def moe_experts_reference(
         if rows.numel() == 0:
             continue  # an expert without tokens never touches its weights
         xe = x[rows // K].to(cd)
-        g = xe @ dequantize(w1[e], None if s1 is None else s1[e], cd)
-        u = xe @ dequantize(w3[e], None if s3 is None else s3[e], cd)
+        g = _expert_matmul(xe, w1[e], None if s1 is None else s1[e], cd)
+        u = _expert_matmul(xe, w3[e], None if s3 is None else s3[e], cd)
         if lora is not None and lora.w1 is not None:
             g = g.to(acc) + _lora_delta(xe.to(acc), lora.w1, e, lora)
         if lora is not None and lora.w3 is not None:
             u = u.to(acc) + _lora_delta(xe.to(acc), lora.w3, e, lora)
         a = (gelu_tanh(g.to(acc), cd) * u.to(acc)).to(cd)
-        w2e = dequantize(w2[e], None if s2 is None else s2[e], cd)
-        ye = a.to(acc) @ w2e.to(acc) if f_partial else a @ w2e
+        s2e = None if s2 is None else s2[e]
+        ye = _expert_matmul(a.to(acc) if f_partial else a, w2[e], s2e, cd)
         if lora is not None and lora.w2 is not None:
             ye = (ye.to(acc) + _lora_delta(a.to(acc), lora.w2, e, lora)).to(ye.dtype)
         y = y.index_copy(0, rows, ye)

@@ -206,3 +206,21 @@ def test_adapters_with_the_experts_split_over_devices(fresh, converted, tmp_path
     with pytest.raises(NotImplementedError, match="hidden dim split"):
         add_lora(ffn, LoRAConfig(rank=2))
     add_lora(ffn, LoRAConfig(rank=2, targets=("attn", "router")))  # the rest adapts
+
+
+def test_expert_backward_keeps_no_dequantised_expert(fresh):
+    """Through frozen int8 experts, autograd saves the int8 matrices (and activations), never an fp32 or
+    bf16 copy of an expert: backward dequantises again."""
+    m = fresh(FP32)
+    add_lora(m, LoRAConfig(rank=2, targets=("experts",)))
+    moe = m.layers[0].moe
+    E, D, F = moe.w1.weight.shape
+    x = torch.randn(6, D, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, _, _ = moe(x)
+    shapes = {(D, F), (F, D)}
+    assert not any(t.is_floating_point() and tuple(t.shape[-2:]) in shapes for t in saved), \
+        sorted({(str(t.dtype), tuple(t.shape)) for t in saved})
+    out.sum().backward()
+    assert x.grad is not None and moe.w1.lora.B.grad is not None

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 __all__ = ["LoRAConfig", "LoRA", "TARGETS", "add_lora", "lora_modules", "lora_state_dict", "save_adapter",
-           "load_adapter", "load_adapter_weights", "read_adapter_config"]
+           "load_adapter", "load_adapter_weights", "read_adapter_config", "is_main_process"]
 
 TARGETS = {"attn": ("wq", "wk", "wv", "wo"), "experts": ("w1", "w3", "w2"), "router": ("router",)}
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, GROK_ADAPTER = "adapter_config.json", "adapter_model.safetensors", "grok_adapter.json"
@@ -96,7 +96,8 @@ def _targets(model) -> Iterator[Tuple[str, str, List[nn.Module]]]:
 
     One holder, except the experts of a ``ShardedMoE`` split by experts (``device_map="experts"`` or an
     accelerate map): its shards in expert order, whose adapters are saved concatenated along E, so an
-    adapter does not depend on the placement it was trained with.
+    adapter does not depend on the placement it was trained with. An ``ExpertParallelMoE`` (experts
+    split across processes) yields this rank's one shard: experts [r*E/W, (r+1)*E/W) (see ``_ep``).
     """
     for i, layer in enumerate(model.layers):
         for name in TARGETS["attn"]:
@@ -116,9 +117,11 @@ def _targets(model) -> Iterator[Tuple[str, str, List[nn.Module]]]:
 def add_lora(model, config: LoRAConfig) -> List[nn.Parameter]:
     """Attach fresh adapters (B = 0) to ``config.targets``; returns the new trainable parameters.
 
-    The base stays frozen (``requires_grad=False``). Experts can be adapted on one device and with the
-    experts split over devices (``device_map`` "experts" or accelerate's maps); not yet with every
-    expert's hidden dim split ("ffn") or across processes (expert parallelism).
+    The base stays frozen (``requires_grad=False``). Experts can be adapted on one device, with the
+    experts split over devices (``device_map`` "experts" or accelerate's maps) and across processes
+    (``expert_parallel=True``: each rank holds its experts' adapters, initialised as the slice of the
+    one-process [E, in, r] draw, so every rank's replicated adapters and the run match one process);
+    not with every expert's hidden dim split ("ffn").
     """
     if model.lora_config is not None:
         raise ValueError("the model already has LoRA adapters (load the base model again to start over)")
@@ -129,11 +132,18 @@ def add_lora(model, config: LoRAConfig) -> List[nn.Parameter]:
         raise NotImplementedError(f"LoRA on experts is not available with the experts' hidden dim split ({kind}, "
                                   f"{split}): use device_map='experts' or an accelerate map, or --lora-targets attn")
     params = []
+    ep = _ep(model)
     for kind, _, holders in _targets(model):
         if kind in config.targets:
             for module in holders:
                 w = module.weight
-                module.lora = LoRA(w.shape, config.rank, config.alpha, config.dropout, device=w.device)
+                if kind == "experts" and ep is not None:  # draw all E experts' A (the RNG moves alike on every rank)
+                    lo = LoRA((ep.num_experts, *w.shape[1:]), config.rank, config.alpha, config.dropout, device=w.device)
+                    part = slice(ep.rank * w.shape[0], (ep.rank + 1) * w.shape[0])  # experts [r*E/W, (r+1)*E/W)
+                    lo.A, lo.B = (nn.Parameter(t.data[part].clone()) for t in (lo.A, lo.B))
+                    module.lora = lo
+                else:
+                    module.lora = LoRA(w.shape, config.rank, config.alpha, config.dropout, device=w.device)
                 params += [module.lora.A, module.lora.B]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -155,12 +165,48 @@ def _adapted(model) -> Iterator[Tuple[str, List[LoRA]]]:
             yield name, loras
 
 
+class _EP:
+    """The expert parallelism of a model: its process group, this rank, the world, E (all experts)."""
+
+    def __init__(self, moe):
+        self.group, self.rank, self.world = moe.group, moe.rank, moe.world
+        self.num_experts = moe.experts_per_rank * moe.world
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` [E_local, ...] concatenated in rank order (all ranks must call it)."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+
+def _ep(model) -> Optional[_EP]:
+    """``_EP`` when the model's experts are split across processes (world size > 1), else None."""
+    moe = model.layers[0].moe if len(model.layers) else None
+    if moe is not None and getattr(moe, "world", 1) > 1 and hasattr(moe, "group"):
+        return _EP(moe)
+    return None
+
+
+def is_main_process(model) -> bool:
+    """False on the ranks > 0 of an expert-parallel model (rank 0 writes the files)."""
+    ep = _ep(model)
+    return ep is None or ep.rank == 0
+
+
 def lora_state_dict(model) -> Dict[str, torch.Tensor]:
-    """The adapters in the saved (PEFT) layout: ``base_model.model.<name>.lora_A.weight`` [E*r or r, in] etc."""
-    out = {}
+    """The adapters in the saved (PEFT) layout: ``base_model.model.<name>.lora_A.weight`` [E*r or r, in] etc.
+
+    Expert parallelism: a collective (every rank must call it): the experts' adapters of all ranks are
+    gathered (fp32, rank order = expert order), so every rank returns the one-process layout."""
+    out, ep = {}, _ep(model)
     for name, loras in _adapted(model):
         A = torch.cat([lo.A.detach().cpu() for lo in loras]) if len(loras) > 1 else loras[0].A.detach().cpu()
         B = torch.cat([lo.B.detach().cpu() for lo in loras]) if len(loras) > 1 else loras[0].B.detach().cpu()
+        if A.dim() == 3 and ep is not None:
+            dev = loras[0].A.device  # NCCL gathers CUDA tensors
+            A, B = (ep.gather(torch.cat([getattr(lo, w).detach() for lo in loras]).to(dev)).cpu() for w in "AB")
         if A.dim() == 3:  # [E, in, r] -> [E*r, in];  [E, r, out] -> [out, E*r]
             a, b = A.transpose(1, 2).reshape(-1, A.shape[1]), B.permute(2, 0, 1).reshape(B.shape[2], -1)
         else:
@@ -179,13 +225,18 @@ def _peft_config(model, config: LoRAConfig, base_model: Optional[str]) -> dict:
 
 
 def save_adapter(model, out_dir, *, base_model: Optional[str] = None, overwrite: bool = True) -> Path:
-    """Write the adapters to ``out_dir`` (created; files replaced atomically, nothing half-written)."""
+    """Write the adapters to ``out_dir`` (created; files replaced atomically, nothing half-written).
+
+    Expert parallelism: every rank calls it (the experts' adapters are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
     config = model.lora_config
     if config is None:
         raise ValueError("the model has no LoRA adapters to save (add_lora or load_adapter first)")
     out = Path(out_dir)
+    state = lora_state_dict(model)  # first: under expert parallelism every rank takes part in the gather
+    if not is_main_process(model):
+        return out
     out.mkdir(parents=True, exist_ok=True)
     if not overwrite and (out / ADAPTER_WEIGHTS).exists():
         raise FileExistsError(f"{out / ADAPTER_WEIGHTS} exists (pass overwrite=True to replace it)")
@@ -196,7 +247,7 @@ def save_adapter(model, out_dir, *, base_model: Optional[str] = None, overwrite:
                                  indent=2),
     }
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
-        save_file(lora_state_dict(model), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         for name, text in files.items():
             Path(tmp, name).write_text(text + "\n")
         for name in (ADAPTER_WEIGHTS, *files):
@@ -235,21 +286,30 @@ def load_adapter(model, adapter_dir) -> LoRAConfig:
 
 
 def load_adapter_weights(model, adapter_dir) -> None:
-    """Copy the saved tensors of ``adapter_dir`` into the model's existing adapters (same config)."""
+    """Copy the saved tensors of ``adapter_dir`` into the model's existing adapters (same config).
+
+    Expert parallelism: each rank reads the file and keeps its experts' slice (no collective)."""
     from safetensors.torch import load_file
 
-    want = lora_state_dict(model)
+    want = {f"{PREFIX}{name}.lora_{w}.weight" for name, _ in _adapted(model) for w in "AB"}
     got = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
         raise ValueError(f"adapter {adapter_dir}: tensors do not match its config (missing {missing[:2]}, "
                          f"unexpected {extra[:2]})")
+    ep = _ep(model)
     for name, loras in _adapted(model):
         a, b = got[f"{PREFIX}{name}.lora_A.weight"], got[f"{PREFIX}{name}.lora_B.weight"]
         if loras[0].A.dim() == 3:
-            E = sum(lo.A.shape[0] for lo in loras)
+            E = sum(lo.A.shape[0] for lo in loras) if ep is None else ep.num_experts
             fin, r = loras[0].A.shape[1:]
+            if a.numel() != E * r * fin:
+                raise ValueError(f"adapter {adapter_dir}: {name}.lora_A has shape {tuple(a.shape)}, expected "
+                                 f"({E * r}, {fin})")
             a, b = a.reshape(E, r, fin).transpose(1, 2), b.reshape(b.shape[0], E, r).permute(1, 2, 0)
+            if ep is not None:  # this rank's experts
+                n = loras[0].A.shape[0]
+                a, b = (t[ep.rank * n:(ep.rank + 1) * n] for t in (a, b))
             sizes = [lo.A.shape[0] for lo in loras]
             pieces = zip(loras, a.split(sizes), b.split(sizes))
         else:

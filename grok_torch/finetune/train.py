@@ -24,6 +24,23 @@ Output directory (nothing of the user's is overwritten: a directory that holds a
 position and RNG come back, metrics.jsonl is cut back to that step, so the curve and the final
 adapter are an uninterrupted run's (``max_steps`` may be raised; the cosine schedule then follows
 the new length from the resume step on). Settings that change the computation may not change.
+
+Several processes (``torchrun --nproc_per_node W`` / ``accelerate launch``; WORLD_SIZE > 1 in the
+environment): the process group is initialised here (gloo on CPUs, NCCL with ``device="cuda"``,
+each rank on cuda:LOCAL_RANK; ``dist_timeout`` seconds) and the model is loaded with
+``expert_parallel=True``: rank r holds experts [r*E/W, (r+1)*E/W) of every layer and trains their
+adapters; attention, router and their adapters are replicated. This is expert parallelism, NOT data
+parallelism: every rank reads the same batches and computes the same loss (the model replicates the
+tokens; only the MoE blocks exchange rows, see ``grok_torch.parallel.distributed``), so W processes
+hold 1/W of the experts each but do not process W times the tokens. The replicated adapters get the
+same gradient bits on every rank (the exchange's backward sums d(x) in a fixed order), so they stay
+identical without an all-reduce; the gradient norm that is clipped is the global one (the experts'
+squares summed over ranks in rank order). Rank 0 writes OUT (metrics, plot, adapters: gathered
+into the one-process layout, so the adapter is the same file whatever W was); each rank writes
+its own optimizer / RNG state into the checkpoint (rank 0: trainer_state.pt, rank r:
+trainer_state-rank{r}.pt), and a checkpoint is renamed into place only once every rank has
+written its part (and counts for nobody before). Resuming needs the same W. Not available with
+several processes: ``full``, ``device_map``, LoRA dropout on experts.
 """
 from __future__ import annotations
 
@@ -34,6 +51,7 @@ import resource
 import shutil
 import tempfile
 import time
+from datetime import timedelta
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -45,10 +63,10 @@ from grok_torch.lora import TARGETS, LoRAConfig, add_lora, load_adapter_weights,
 
 __all__ = ["TrainConfig", "finetune", "latest_checkpoint"]
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.pt"  # rank r > 0 of a multi-process run: trainer_state-rank{r}.pt
 # settings that may change on --resume (they do not change what the run computes up to max_steps)
 RESUMABLE = ("max_steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "csv", "tensorboard",
-             "progress", "output_dir", "model", "device", "plot")
+             "progress", "output_dir", "model", "device", "plot", "dist_timeout")
 
 
 @dataclass
@@ -92,6 +110,7 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     plot: bool = True
+    dist_timeout: float = 1800.0  # seconds a collective may wait for a peer (several processes only)
 
     def __post_init__(self):
         self.data = [str(d) for d in ([self.data] if isinstance(self.data, (str, os.PathLike)) else self.data)]
@@ -110,6 +129,7 @@ class TrainConfig:
             (self.dtype in ("bf16", "fp32"), "--dtype must be bf16 or fp32"),
             (not (self.resume and self.overwrite), "--resume continues OUT, --overwrite starts OUT over: pass one"),
             (bool(self.data), "--data: give at least one file"),
+            (self.dist_timeout > 0, "--dist-timeout must be > 0 seconds"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -121,6 +141,80 @@ class TrainConfig:
     def fingerprint(self) -> Dict:
         """The settings that define the computation (compared on resume), as JSON values."""
         return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k not in RESUMABLE}))
+
+
+class _Ranks:
+    """The processes of the run: rank, world size and the few collectives the loop needs (every call a
+    no-op in one process). Read from the initialised torch.distributed default group."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.dist = dist if on else None
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def agree(self, error: Optional[BaseException]) -> None:
+        """Raise on every rank if ``error`` is set on any (the others get a RuntimeError naming it)."""
+        if self.world > 1:
+            msgs = [None] * self.world
+            self.dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}")
+            failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+            if failed and error is None:
+                raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+        if error is not None:
+            raise error
+
+    def on_main(self, fn):
+        """``fn()`` on rank 0, its result (or its error, raised everywhere) on every rank."""
+        res, err = None, None
+        if self.main:
+            try:
+                res = fn()
+            except (ValueError, OSError) as e:
+                err = e
+        if self.world > 1:
+            res, msg = self.broadcast((res, None if err is None else str(err)))
+            if msg is not None and err is None:
+                raise ValueError(msg)
+        if err is not None:
+            raise err
+        return res
+
+
+def _state_file(rank: int) -> str:
+    return STATE_FILE if rank == 0 else f"trainer_state-rank{rank}.pt"
+
+
+def _init_processes(cfg: "TrainConfig") -> bool:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1): init the process group unless the caller did;
+    True when it was initialised here (and is destroyed at the end)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    kind = torch.device(cfg.device).type if cfg.device else "cpu"
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {cfg.device}: with several processes pass cpu or cuda (rank uses cuda:LOCAL_RANK)")
+    device = None
+    if kind == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=timedelta(seconds=cfg.dist_timeout),
+                            device_id=device)
+    return True
 
 
 def latest_checkpoint(out_dir) -> Optional[Path]:
@@ -176,12 +270,17 @@ def _peak_memory(device) -> int:
 
 
 class _Metrics:
-    """metrics.jsonl (and .csv, TensorBoard) in OUT; on resume the lines after the checkpoint's step are dropped."""
+    """metrics.jsonl (and .csv, TensorBoard) in OUT; on resume the lines after the checkpoint's step are dropped.
 
-    def __init__(self, out: Path, csv: bool, resume_step: Optional[int], tensorboard: bool = False):
+    ``write=False`` (ranks > 0): the rows are kept in memory only."""
+
+    def __init__(self, out: Path, csv: bool, resume_step: Optional[int], tensorboard: bool = False,
+                 write: bool = True):
         self.path, self.csv = out / "metrics.jsonl", out / "metrics.csv" if csv else None
         self.rows: List[dict] = []
-        self.tb = None
+        self.tb, self.write = None, write
+        if not write:
+            return
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -195,6 +294,8 @@ class _Metrics:
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
+        if not self.write:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self._write_csv()
@@ -212,11 +313,15 @@ class _Metrics:
         self.csv.write_text("\n".join(lines) + "\n")
 
 
-def _load_model(cfg: TrainConfig):
+def _load_model(cfg: TrainConfig, ranks: "_Ranks"):
     from grok_torch import Grok
 
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     kwargs = dict(device_map=cfg.device_map) if cfg.device_map else dict(device=cfg.device or "cpu")
+    if ranks.world > 1:  # each rank: its share of the experts (cuda:LOCAL_RANK with NCCL)
+        from grok_torch.parallel.distributed import default_device
+
+        kwargs = dict(expert_parallel=True, device=default_device())
     model = Grok.from_pretrained(cfg.model, dtype=dtype, impl=cfg.impl, **kwargs)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model
@@ -260,20 +365,27 @@ def _evaluate(model, data, device, batch_size) -> dict:
 
 
 def _save_checkpoint(out: Path, step: int, model, cfg, opt, sched, data) -> Path:
+    """Write checkpoint-STEP: in a temporary directory (rank 0 makes it; every rank writes its state file
+    there), renamed by rank 0 once every rank has written; every rank returns after the rename."""
+    ranks = _Ranks()
     final = out / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}-"))
+    tmp = Path(ranks.on_main(lambda: tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}-")))
     try:
-        _save_weights(model, cfg, tmp)
-        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "data": data.state_dict(), "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                 "config": json.dumps(cfg.fingerprint())}
-        torch.save(state, tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        error = None
+        try:
+            _save_weights(model, cfg, tmp)  # a collective under expert parallelism; rank 0 writes
+            state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "data": data.state_dict(), "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                     "config": json.dumps(cfg.fingerprint()), "world_size": ranks.world}
+            torch.save(state, tmp / _state_file(ranks.rank))
+        except Exception as e:
+            error = e
+        ranks.agree(error)  # every rank's part is written (or every rank raises)
+        ranks.on_main(lambda: (shutil.rmtree(final) if final.exists() else None, os.replace(tmp, final)))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
@@ -289,7 +401,13 @@ def _save_weights(model, cfg: TrainConfig, where: Path) -> None:
 
 
 def _restore(ckpt: Path, model, cfg, opt, sched, data) -> int:
-    state = torch.load(ckpt / STATE_FILE, weights_only=True)
+    ranks = _Ranks()
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)  # every rank checks rank 0's: they agree
+    if state.get("world_size", 1) != ranks.world:
+        raise ValueError(f"--resume: {ckpt.name} was written by {state.get('world_size', 1)} process(es), this run has "
+                         f"{ranks.world}: resume with the same number (each holds its experts' optimizer state)")
+    if ranks.rank:
+        state = torch.load(ckpt / _state_file(ranks.rank), weights_only=True)
     saved = json.loads(state["config"])
     changed = [k for k in sorted(set(saved) | set(cfg.fingerprint())) if saved.get(k) != cfg.fingerprint().get(k)]
     if changed:
@@ -312,9 +430,9 @@ def _restore(ckpt: Path, model, cfg, opt, sched, data) -> int:
 
 
 def finetune(cfg: TrainConfig) -> dict:
-    """Run (or resume) a fine-tuning run; returns {"steps", "final_loss", "eval", "output_dir", ...}."""
-    from grok_torch.finetune.data import load_corpus
+    """Run (or resume) a fine-tuning run; returns {"steps", "final_loss", "eval", "output_dir", ...}.
 
+    Under torchrun / accelerate launch (WORLD_SIZE > 1) every rank calls it (see the module docstring)."""
     from grok_torch.config import GrokConfig
 
     config_json = Path(cfg.model) / "config.json"
@@ -324,10 +442,56 @@ def finetune(cfg: TrainConfig) -> dict:
     if cfg.seq_len < 1 or cfg.seq_len > max_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model context max_seq_len={max_len}"
                          if cfg.seq_len > 1 else f"--seq-len must be >= 1, got {cfg.seq_len}")
-    ckpt = _prepare_output(cfg)  # before the model loads: a refused OUT costs nothing
+    created = _init_processes(cfg)
+    try:
+        return _finetune(cfg, _Ranks())
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _clip_grad_norm(params, max_norm: float, local: set, ranks: _Ranks) -> float:
+    """``clip_grad_norm_`` over the whole model: with several processes the squares of the experts'
+    gradients (ids in ``local``, held by one rank each) are summed over ranks in rank order, the
+    replicated ones (the same on every rank) counted once: every rank gets the same norm."""
+    if ranks.world == 1:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    zero = torch.zeros((), device=grads[0].device)
+
+    def squares(gs):
+        return sum((torch.linalg.vector_norm(g.float()) ** 2 for g in gs), zero)
+
+    shared = squares([p.grad for p in params if p.grad is not None and id(p) not in local])
+    mine = squares([p.grad for p in params if p.grad is not None and id(p) in local]).reshape(1)
+    parts = [torch.empty_like(mine) for _ in range(ranks.world)]
+    ranks.dist.all_gather(parts, mine)
+    experts = parts[0]
+    for q in parts[1:]:
+        experts = experts + q
+    total = (shared + experts[0]).sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return float(total)
+
+
+def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
+    from grok_torch.finetune.data import load_corpus
+
+    if ranks.world > 1:
+        bad = [(cfg.full, "--full"), (cfg.device_map, "--device-map"),
+               (cfg.lora_dropout > 0 and "experts" in cfg.lora_targets, "--lora-dropout with experts in --lora-targets")]
+        for on, flag in bad:
+            if on:
+                raise ValueError(f"{flag} is not available with several processes (expert parallelism, WORLD_SIZE="
+                                 f"{ranks.world}): each rank trains its experts' LoRA adapters")
+    ckpt = ranks.on_main(lambda: _prepare_output(cfg))  # before the model loads: a refused OUT costs nothing
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    model = _load_model(cfg)
+    model = _load_model(cfg, ranks)
     mcfg = model.config
     train, evalset, stats = load_corpus(cfg.data, _tokenizer(cfg), seq_len=cfg.seq_len, vocab_size=mcfg.vocab_size,
                                         eos_id=mcfg.eos_token_id, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
@@ -338,12 +502,15 @@ def finetune(cfg: TrainConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     device = model.embed.weight.device
     start = _restore(ckpt, model, cfg, opt, sched, train) if ckpt is not None else 0
-    metrics = _Metrics(out, cfg.csv, start if ckpt is not None else None, cfg.tensorboard)
-    (out / "data_stats.txt").write_text(str(stats) + "\n")
+    metrics = _Metrics(out, cfg.csv, start if ckpt is not None else None, cfg.tensorboard and ranks.main, ranks.main)
+    if ranks.main:
+        (out / "data_stats.txt").write_text(str(stats) + "\n")
+    local = {id(p) for n, p in model.named_parameters() if ".moe.shards." in n} if ranks.world > 1 else set()
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="fine-tuning", unit="step", disable=not cfg.progress)
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="fine-tuning", unit="step",
+               disable=not (cfg.progress and ranks.main))
     model.train()
     want_stats = cfg.aux_loss_weight > 0 or cfg.z_loss_weight > 0
     row = {}
@@ -363,7 +530,7 @@ def finetune(cfg: TrainConfig) -> dict:
                 parts["z_loss"] += float(z.detach()) / cfg.grad_accum
             (loss / cfg.grad_accum).backward()
             tokens += ids.numel()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        grad_norm = _clip_grad_norm(params, cfg.max_grad_norm, local, ranks)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -384,8 +551,8 @@ def finetune(cfg: TrainConfig) -> dict:
         bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
     bar.close()
     _save_checkpoint(out, cfg.max_steps, model, cfg, opt, sched, train)
-    _save_weights(model, cfg, out)
-    if cfg.plot:
+    _save_weights(model, cfg, out)  # a collective under expert parallelism; rank 0 writes
+    if cfg.plot and ranks.main:
         from grok_torch.finetune.plot import plot_losses
 
         plot_losses(metrics.rows, out / "loss.png")

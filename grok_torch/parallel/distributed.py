@@ -48,7 +48,25 @@ of about (2k(W-1)/W^2 + (W-1)/W) of it, one or two collectives instead of four).
 Faults. Collective failures (a peer that died, a timeout) become ``CollectiveError`` naming this
 rank, the layer and the exchange. Set a timeout on the process group (``init_process_group(...,
 timeout=...)``; grok-generate: ``--dist-timeout``) or a rank whose peer hangs waits for the default
-(10 min for NCCL / 30 min for gloo). Inference only: gradients do not flow through the exchanges.
+(10 min for NCCL / 30 min for gloo).
+
+Training (the "experts" split; LoRA, ``grok-finetune`` under torchrun). Gradients flow through both
+exchanges. Every rank computes the same loss from the same tokens, so each replicated tensor's
+gradient is the same on every rank (Megatron's convention), and one autograd node per MoE block
+(``_Exchange``) does the rest: forward = the exchange above (the same ops, the same bits); backward =
+  "all_reduce": this rank's experts' d(x), d(gates), d(its adapters) from the shared d(out)
+      (the sum of partials is "identity" backward), then d(x) and d(gates) summed over ranks;
+  "all_to_all": d(out) of my token share (the all_gather's backward is "take my rows"), the
+      reversed all_to_all of the expert outputs' gradients, d(rows), d(adapters) where the experts
+      are, d(rows) sent back (the reversed all_to_all), d(x), d(gates) of my share, summed over ranks
+      (other ranks' shares are exact zeros here).
+The gradient sums are the ordered sum above (every rank gets the same bits, so the replicated
+adapters, attention and router, stay identical without an all-reduce of their gradients; each
+rank's expert adapters get their gradients where they live). One node per block, so the
+collectives of backward run on every rank in the same order even where a rank's experts received
+no tokens. Not trainable: the "ffn" split (LoRA on experts is refused there anyway), LoRA dropout
+on experts (the masks would depend on which rank holds a row, so the ranks' RNG streams, and
+then their replicated adapters' dropout masks, would diverge), ``retain_graph``.
 """
 from __future__ import annotations
 
@@ -190,17 +208,62 @@ class ExpertParallelMoE(RoutedMoE):
     def forward(
         self, x_TD: torch.Tensor, expert_ids_TK: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters())):
-            raise NotImplementedError("expert parallelism is inference-only: gradients do not flow through "
-                                      "the exchanges between ranks (run under torch.no_grad())")
+        params = [p for p in self.shards[0].parameters() if p.requires_grad]
+        grad = torch.is_grad_enabled() and (x_TD.requires_grad or params or self.router.weight.requires_grad
+                                            or self.router.lora is not None)
+        if grad and self.split != "experts":
+            raise NotImplementedError("expert parallelism trains with the 'experts' split only: the 'ffn' split is "
+                                      "inference-only (run under torch.no_grad())")
         probs, gates, ids = self.route(x_TD, expert_ids_TK)
         if self.world == 1:
             out = self.shards[0](x_TD, gates, ids, self.dtype, self.impl)
-        elif self.split == "experts" and self.exchange == "all_to_all":
-            out = self._all_to_all(x_TD, gates, ids)
+            return out.to(self.dtype), probs, ids
+        if torch.is_grad_enabled() and (x_TD.requires_grad or gates.requires_grad or params):
+            lora = getattr(self.shards[0].w1, "lora", None)
+            if self.training and lora is not None and lora.p:
+                raise NotImplementedError("LoRA dropout on experts is not available with expert parallelism (the "
+                                          "ranks' RNG streams would diverge): use --lora-dropout 0 or leave "
+                                          "experts out of the targets")
+            out = _Exchange.apply(self, x_TD, gates, ids, *params)
         else:
-            out = self._sum_over_ranks(self.shards[0](x_TD, gates, ids, self.dtype, self.impl))
+            out = self._exchange(x_TD, gates, ids)
         return out.to(self.dtype), probs, ids
+
+    def _exchange(self, x: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, graph: Optional[dict] = None
+                  ) -> torch.Tensor:
+        """The fp32 [T, D] output; ``graph``: filled with what backward needs (autograd on locally)."""
+        if self.split == "experts" and self.exchange == "all_to_all":
+            return self._all_to_all(x, gates, ids, graph)
+        partial = self.shards[0](x, gates, ids, self.dtype, self.impl)
+        if graph is not None:
+            graph.update(kind="sum", out=partial)
+            partial = partial.detach().clone()  # the sum may work in place
+        return self._sum_over_ranks(partial)
+
+    def _backward(self, graph: dict, grad: torch.Tensor, x: torch.Tensor, gates: torch.Tensor, params) -> list:
+        """[d x, d gates, *d params] of this block from d out (the same on every rank)."""
+        if graph.get("kind") == "sum":       # the sum of partials: identity backward
+            dx, dg, *dp = _grads(graph["out"], [x, gates, *params], grad)
+        elif graph.get("kind") == "a2a":
+            g, W, r, share = graph, self.world, self.rank, graph["share"]
+            mine = grad.new_zeros(W * share, grad.shape[1])
+            mine[: grad.shape[0]] = grad
+            (d_back,) = _grads(g["mine"], [g["back"]], mine[r * share:(r + 1) * share])   # my token share
+            d_y = d_back.new_empty(sum(g["recv"]), d_back.shape[1])
+            self._collective("all_to_all_single (output gradients)", _dist().all_to_all_single, d_y,
+                             d_back.contiguous(), output_split_sizes=g["recv"], input_split_sizes=g["send"])
+            d_got, *dp = _grads(g["y"], [g["got"], *params], d_y)
+            d_payload = d_got.new_empty(sum(g["send"]), d_got.shape[1])
+            self._collective("all_to_all_single (row gradients)", _dist().all_to_all_single, d_payload,
+                             d_got.contiguous(), output_split_sizes=g["send"], input_split_sizes=g["recv"])
+            dx, dg = _grads(g["payload"], [x, gates], d_payload)
+        else:                                # no tokens (T = 0 on every rank): nothing exchanged
+            dx, dg, *dp = [torch.zeros_like(t) for t in (x, gates, *params)]
+        if graph.get("kind") is not None:   # each rank holds its experts' part of d x, d gates: sum them
+            D = dx.shape[1]
+            both = self._sum_over_ranks(torch.cat([dx.float(), dg.float()], dim=1), ordered=True)
+            dx, dg = both[:, :D].to(x.dtype), both[:, D:].to(gates.dtype)
+        return [dx, dg, *dp]
 
     # ---- collectives ----------------------------------------------------------------------------
 
@@ -217,13 +280,14 @@ class ExpertParallelMoE(RoutedMoE):
         dist = _dist()
         self._collective(what, dist.all_gather_single, out, inp)
 
-    def _sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+    def _sum_over_ranks(self, partial: torch.Tensor, ordered: Optional[bool] = None) -> torch.Tensor:
         """Sum of every rank's fp32 partial [T, D], the same bits on every rank.
 
-        Ordered (default): rank j receives piece j of every partial (one all_to_all_single), adds them
-        in rank order (as ``ShardedMoE`` adds its shards), and the pieces are all-gathered."""
+        Ordered (default, ``self.deterministic``; gradients always): rank j receives piece j of every
+        partial (one all_to_all_single), adds them in rank order (as ``ShardedMoE`` adds its shards),
+        and the pieces are all-gathered."""
         dist, W = _dist(), self.world
-        if not self.deterministic:
+        if not (self.deterministic if ordered is None else ordered):
             self._collective("all_reduce (partial outputs)", dist.all_reduce, partial)
             return partial
         T, D = partial.shape
@@ -241,8 +305,13 @@ class ExpertParallelMoE(RoutedMoE):
         self._gather(full, acc.contiguous(), "all_gather (summed outputs)")
         return full[:n].view(T, D)
 
-    def _all_to_all(self, x: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The "experts" split with tokens sent to their experts' ranks (see the module docstring)."""
+    def _all_to_all(self, x: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, graph: Optional[dict] = None
+                    ) -> torch.Tensor:
+        """The "experts" split with tokens sent to their experts' ranks (see the module docstring).
+
+        ``graph`` (training): the local pieces keep their autograd graphs (x, gates -> payload rows;
+        received rows -> expert outputs; returned outputs -> my token share), cut at each collective."""
+        track = graph is not None
         dist, W, r = _dist(), self.world, self.rank
         T, D = x.shape
         K = ids.shape[1]
@@ -264,17 +333,19 @@ class ExpertParallelMoE(RoutedMoE):
         payload = torch.cat([x[s:e].to(acc)[order // K], gates[s:e].reshape(-1)[order, None].to(acc),
                              slot_ids[order, None].to(acc)], dim=1)
         got = payload.new_empty(sum(recv), D + 2)
-        self._collective("all_to_all_single (token rows)", dist.all_to_all_single, got, payload,
-                  output_split_sizes=recv, input_split_sizes=send)
+        self._collective("all_to_all_single (token rows)", dist.all_to_all_single, got, payload.detach(),
+                         output_split_sizes=recv, input_split_sizes=send)
+        got.requires_grad_(track)
         if got.shape[0]:
             y = self.shards[0](got[:, :D].contiguous(), got[:, D:D + 1].contiguous(),
                                got[:, D + 1:].long(), self.dtype, self.impl)  # gate * expert(x), fp32
         else:
             y = payload.new_zeros(0, D)
         back = y.new_empty(sum(send), D)
-        self._collective("all_to_all_single (expert outputs)", dist.all_to_all_single, back, y.contiguous(),
-                  output_split_sizes=send, input_split_sizes=recv)
-        rows = torch.empty_like(back).index_copy_(0, order, back).view(e - s, K, D)
+        self._collective("all_to_all_single (expert outputs)", dist.all_to_all_single, back, y.detach().contiguous(),
+                         output_split_sizes=send, input_split_sizes=recv)
+        back.requires_grad_(track)
+        rows = torch.empty_like(back).index_copy(0, order, back).view(e - s, K, D)
         mine = x.new_zeros(share, D, dtype=back.dtype)
         if e > s:
             out = rows[:, 0]
@@ -282,5 +353,53 @@ class ExpertParallelMoE(RoutedMoE):
                 out = out + rows[:, k]
             mine[: e - s] = out
         full = mine.new_empty(W * share, D)
-        self._gather(full, mine, "all_gather (token shares)")
+        self._gather(full, mine.detach(), "all_gather (token shares)")
+        if track:
+            graph.update(kind="a2a", share=share, send=send, recv=recv, payload=payload, got=got, y=y, back=back,
+                         mine=mine)
         return full[:T]
+
+
+def _grads(out: torch.Tensor, inputs, grad: torch.Tensor) -> list:
+    """d(out)/d(inputs) applied to ``grad``, zeros for an input ``out`` does not depend on (a rank whose
+    experts received no rows still returns a zero gradient: AdamW treats zero and None differently)."""
+    live = [i for i, t in enumerate(inputs) if t.requires_grad]
+    res = [None] * len(inputs)
+    if out.requires_grad and live and out.numel():
+        got = torch.autograd.grad(out, [inputs[i] for i in live], grad, allow_unused=True)
+        for i, g in zip(live, got):
+            res[i] = g
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(res, inputs)]
+
+
+class _Exchange(torch.autograd.Function):
+    """One MoE block's exchange as one autograd node (see "Training" in the module docstring).
+
+    Forward runs the exchange with autograd on for the local pieces only (leaf copies of x and gates);
+    backward differentiates those pieces and runs the reversed collectives. Being one node, its
+    backward runs on every rank whenever the block's output is used, so no rank skips a collective."""
+
+    @staticmethod
+    def forward(ctx, block: "ExpertParallelMoE", x: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
+        need = ctx.needs_input_grad
+        ctx.block, ctx.params, ctx.graph = block, params, {}
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            # own leaves; identity hooks: the local graphs keep their tensors even inside
+            # torch.utils.checkpoint (whose recomputation reruns this forward on every rank alike)
+            ctx.x, ctx.gates = x.detach().requires_grad_(need[1]), gates.detach().requires_grad_(need[2])
+            return block._exchange(ctx.x, ctx.gates, ids, ctx.graph)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.graph is None:
+            raise RuntimeError("expert-parallel MoE: backward through the exchange a second time "
+                               "(retain_graph is not supported)")
+        with torch.enable_grad():
+            dx, dg, *dp = ctx.block._backward(ctx.graph, grad.contiguous(), ctx.x, ctx.gates, ctx.params)
+        ctx.graph = ctx.x = ctx.gates = None
+        return (None, dx if ctx.needs_input_grad[1] else None, dg if ctx.needs_input_grad[2] else None, None, *dp)
+
+
+def _same(t):
+    return t

@@ -13,9 +13,11 @@
 # device_map splits on every visible GPU), then
 # bench_moe.py, bench_generate.py, bench_parallel.py (decode ms/token per split on the GPUs) and
 # bench_attention.py (issue #9: one attention sublayer's prefill time / peak memory at T 512-8192, new
-# vs the old dense path, and its decode step eager vs CUDA graph against the HBM roofline). Paste
+# vs the old dense path, and its decode step eager vs CUDA graph against the HBM roofline) and
+# bench_finetune.py (issue #10: tokens/s and peak memory of one LoRA / LoRA + checkpointing / full
+# optimizer step vs the forward, impl triton vs torch, and the Grok-1 LoRA estimate on 8 x 80 GB). Paste
 # $OUT/bench_moe.md (dated, with the device, commit, table and the issue-#4 target verdicts),
-# $OUT/bench_attention.md and the bench_generate figures into BENCHMARKS.md.
+# $OUT/bench_attention.md, $OUT/bench_finetune.md and the bench_generate figures into BENCHMARKS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -38,4 +40,5 @@ python3 benchmarks/bench_moe.py --csv "$out/bench_moe.csv" --md "$out/bench_moe.
 python3 benchmarks/bench_generate.py 2>&1 | tee "$out/bench_generate.log" || status=1
 python3 benchmarks/bench_parallel.py --md "$out/bench_parallel.md" 2>&1 | tee "$out/bench_parallel.log" || status=1
 python3 benchmarks/bench_attention.py --md "$out/bench_attention.md" 2>&1 | tee "$out/bench_attention.log" || status=1
+python3 benchmarks/bench_finetune.py --md "$out/bench_finetune.md" 2>&1 | tee "$out/bench_finetune.log" || status=1
 exit $status

@@ -17,6 +17,9 @@ EXAMPLES = """examples:
   grok-finetune --model /data/grok-1-int8 --data train.jsonl --output-dir out --device-map auto \\
       --seq-len 4096 --lora-rank 16 --lora-alpha 32 --gradient-checkpointing --max-steps 1000 --save-every 100
 
+  # one process per GPU, each holding its share of every layer's experts and training their adapters
+  torchrun --nproc_per_node 8 $(which grok-finetune) --model /data/grok-1-int8 --data train.jsonl --output-dir out
+
   # continue after an interruption (optionally with more steps), then use or merge the adapter
   grok-finetune ... --output-dir out --resume --max-steps 2000
   grok-generate --model /data/grok-1-int8 --adapter out --prompt "..."
@@ -68,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="spread the model over this process's GPUs: experts (each GPU a range of every layer's experts) or "
            "accelerate's planners; each expert's adapters live with it")
     a("--impl", choices=("auto", "torch", "triton"), default="auto", help="kernels (default: triton on CUDA)")
+    a("--dist-timeout", type=float, default=1800.0, metavar="S",
+      help="under torchrun / accelerate launch: seconds a collective waits for the other ranks (default 1800)")
     a("--tokenizer", help="tokenizer.model (default MODEL/tokenizer.model)")
     a("--data-format", choices=("text", "text-lines", "jsonl"), help="override the per-file format detection")
     a("--csv", action="store_true", help="also write OUT/metrics.csv")
@@ -105,7 +110,7 @@ def _train(argv: List[str]) -> int:
         overwrite=args.overwrite, seed=args.seed, aux_loss_weight=args.aux_loss_weight,
         z_loss_weight=args.z_loss_weight, gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,
         device=args.device, device_map=args.device_map, impl=args.impl, tokenizer=args.tokenizer,
-        data_format=args.data_format, csv=args.csv, tensorboard=args.tensorboard,
+        data_format=args.data_format, csv=args.csv, tensorboard=args.tensorboard, dist_timeout=args.dist_timeout,
         progress=not args.no_progress)
     res = finetune(cfg)
     ev = res["eval"]

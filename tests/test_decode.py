@@ -67,9 +67,10 @@ def test_chunked_prefill_matches_one_prefill(model, dtype):
         # chunks only change the fp32 summation order of attention; bf16 logits may move by an ulp
         tol = 1e-4 if dtype == FP32 else 0.05
         torch.testing.assert_close(got.float(), whole.float(), rtol=0, atol=tol)
-    one = generate(m, PROMPTS, 6, temperature=0, prefill_chunk=None)
-    two = generate(m, PROMPTS, 6, temperature=0, prefill_chunk=2)
-    assert [g.tokens for g in one] == [g.tokens for g in two]
+    if dtype == FP32:  # bf16 greedy runs may part after an ulp flip of a near-tie (measured on 2 threads)
+        one = generate(m, PROMPTS, 6, temperature=0, prefill_chunk=None)
+        two = generate(m, PROMPTS, 6, temperature=0, prefill_chunk=2)
+        assert [g.tokens for g in one] == [g.tokens for g in two]
 
 
 @torch.no_grad()

@@ -1,5 +1,8 @@
 """grok-finetune under expert parallelism: 2 gloo processes (as torchrun starts them) vs one process.
 
+These tests run expert parallelism WITHOUT data parallelism (``data_parallel=False``: every rank the
+same batches); the default, data parallel, is tests/test_finetune_dp.py.
+
 Each rank is tests/finetune_dist_worker.py (finetune() initialises the group from RANK / WORLD_SIZE /
 MASTER_*), one thread, the tiny_ref int8 model, fp32, reference kernels, LoRA on attn + experts +
 router. Every launch is bounded (60 s, the group's timeout 30 s): a failure never hangs the suite.
@@ -15,6 +18,7 @@ clipping is active the clip factor may thus differ in its last bits (measured: n
 norm and losses, 1e-6 absolute on the adapters (measured: losses equal, adapters 7.5e-9).
 """
 import json
+import os
 import shutil
 import sys
 import time
@@ -29,19 +33,22 @@ from test_distributed import launch, one_thread
 from test_finetune import corpus  # noqa: F401  (the fixture: 20 documents of 40 tokens)
 
 WORKER = Path(__file__).with_name("finetune_dist_worker.py")
+# the workers import this checkout's grok_torch (not whichever one the environment's install points at)
+PYTHONPATH = os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 
 def settings(converted, corpus, out, **kw):
-    return dict(model=str(converted("int8")), data=[str(corpus)], output_dir=str(out), seq_len=32, batch_size=4,
-                lr=1e-2, max_steps=4, save_every=2, dtype="fp32", impl="torch", progress=False, plot=False,
-                lora_rank=4, lora_targets=["attn", "experts", "router"], dist_timeout=30.0, **kw)
+    return {**dict(model=str(converted("int8")), data=[str(corpus)], output_dir=str(out), seq_len=32, batch_size=4,
+                   lr=1e-2, max_steps=4, save_every=2, dtype="fp32", impl="torch", progress=False, plot=False,
+                   lora_rank=4, lora_targets=["attn", "experts", "router"], dist_timeout=30.0, data_parallel=False),
+            **kw}
 
 
 def two_ranks(s: dict, dump: Path, exchange: str = ""):
     dump.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     ranks = launch([[sys.executable, WORKER, dump]] * 2, dump, timeout=60,
-                   env={r: {"SETTINGS": json.dumps(s), "EXCHANGE": exchange} for r in range(2)})
+                   env={r: {"SETTINGS": json.dumps(s), "EXCHANGE": exchange, "PYTHONPATH": PYTHONPATH} for r in range(2)})
     assert all(r.rc == 0 for r in ranks), [r.err[-2000:] for r in ranks]
     return [torch.load(dump / f"rank{r}.pt") for r in range(2)], time.monotonic() - t0
 
@@ -109,7 +116,7 @@ def test_with_clipping_and_the_all_reduce_exchange(converted, corpus, tmp_path):
 def test_refused_with_several_processes(converted, corpus, tmp_path):
     s = settings(converted, corpus, tmp_path / "ep", lora_dropout=0.1)
     ranks = launch([[sys.executable, WORKER, tmp_path]] * 2, tmp_path, timeout=60,
-                   env={r: {"SETTINGS": json.dumps(s)} for r in range(2)})
+                   env={r: {"SETTINGS": json.dumps(s), "PYTHONPATH": PYTHONPATH} for r in range(2)})
     assert all(r.rc == 1 for r in ranks)
     assert "--lora-dropout with experts in --lora-targets is not available with several processes" in ranks[0].err
     assert not (tmp_path / "ep").exists()

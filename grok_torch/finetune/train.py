@@ -29,18 +29,28 @@ Several processes (``torchrun --nproc_per_node W`` / ``accelerate launch``; WORL
 environment): the process group is initialised here (gloo on CPUs, NCCL with ``device="cuda"``,
 each rank on cuda:LOCAL_RANK; ``dist_timeout`` seconds) and the model is loaded with
 ``expert_parallel=True``: rank r holds experts [r*E/W, (r+1)*E/W) of every layer and trains their
-adapters; attention, router and their adapters are replicated. This is expert parallelism, NOT data
-parallelism: every rank reads the same batches and computes the same loss (the model replicates the
-tokens; only the MoE blocks exchange rows, see ``grok_torch.parallel.distributed``), so W processes
-hold 1/W of the experts each but do not process W times the tokens. The replicated adapters get the
-same gradient bits on every rank (the exchange's backward sums d(x) in a fixed order), so they stay
-identical without an all-reduce; the gradient norm that is clipped is the global one (the experts'
-squares summed over ranks in rank order). Rank 0 writes OUT (metrics, plot, adapters: gathered
+adapters; attention, router and their adapters are replicated. By default (``data_parallel=True``)
+this is also DATA parallelism: a step's global batch is ``batch_size * W`` rows, rank r reads rows
+[r*batch_size, (r+1)*batch_size) of it (``load_corpus(rank=, world_size=)``), runs attention, router
+and embedding on them alone, and its MoE blocks send its own tokens to the experts' ranks and back
+(``set_tokens(model, "local")``, see ``grok_torch.parallel.distributed``). The loss is the global
+batch's: each rank backpropagates (sum of its tokens' cross-entropies) / (target tokens of all ranks),
+so the ranks' losses (and gradients) add up to the one-process mean over the global batch (the
+router losses likewise: load balancing counts the routing over all ranks). After backward the
+replicated adapters' gradients are summed over ranks (rank order, the same bits everywhere, so they
+stay identical); the expert adapters' gradients are complete on their owner (the exchange's backward
+brought every rank's rows there). W processes with ``batch_size`` B follow one process with W*B up to
+fp32 summation order (tests/test_finetune_dp.py states the bounds). ``data_parallel=False``: every
+rank reads the same batches and computes the same loss (expert parallelism only: W processes hold 1/W
+of the experts each but process no more tokens; the one-process run bit for bit while the clip is
+inactive). Either way the gradient norm that is clipped is the global one (replicated gradients once,
+the experts' squares summed over ranks in rank order). Rank 0 writes OUT (metrics, plot, adapters: gathered
 into the one-process layout, so the adapter is the same file whatever W was); each rank writes
 its own optimizer / RNG state into the checkpoint (rank 0: trainer_state.pt, rank r:
 trainer_state-rank{r}.pt), and a checkpoint is renamed into place only once every rank has
-written its part (and counts for nobody before). Resuming needs the same W. Not available with
-several processes: ``full``, ``device_map``, LoRA dropout on experts.
+written its part (and counts for nobody before). Resuming needs the same W. Evaluation runs the
+whole eval split on every rank. Not available with several processes: ``full``, ``device_map``, LoRA
+dropout on experts; with data parallelism also the "all_reduce" exchange.
 """
 from __future__ import annotations
 
@@ -111,6 +121,7 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     dist_timeout: float = 1800.0  # seconds a collective may wait for a peer (several processes only)
+    data_parallel: bool = True    # several processes: each rank its slice of the global batch (False: same tokens)
 
     def __post_init__(self):
         self.data = [str(d) for d in ([self.data] if isinstance(self.data, (str, os.PathLike)) else self.data)]
@@ -176,6 +187,17 @@ class _Ranks:
                 raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
         if error is not None:
             raise error
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of every rank's ``t`` (same shape everywhere), added in rank order: the same bits on every rank."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        self.dist.all_gather(parts, t.contiguous())
+        acc = parts[0]
+        for q in parts[1:]:
+            acc = acc + q
+        return acc
 
     def on_main(self, fn):
         """``fn()`` on rank 0, its result (or its error, raised everywhere) on every rank."""
@@ -409,6 +431,7 @@ def _restore(ckpt: Path, model, cfg, opt, sched, data) -> int:
     if ranks.rank:
         state = torch.load(ckpt / _state_file(ranks.rank), weights_only=True)
     saved = json.loads(state["config"])
+    saved.setdefault("data_parallel", cfg.data_parallel if ranks.world == 1 else False)  # older checkpoints
     changed = [k for k in sorted(set(saved) | set(cfg.fingerprint())) if saved.get(k) != cfg.fingerprint().get(k)]
     if changed:
         k = changed[0]
@@ -478,6 +501,47 @@ def _clip_grad_norm(params, max_norm: float, local: set, ranks: _Ranks) -> float
     return float(total)
 
 
+def _sum_replicated_grads(params, local: set, ranks: _Ranks) -> None:
+    """Data parallelism: every replicated parameter's gradient := the sum of the ranks' (rank order, one
+    flat buffer; a missing gradient counts as zeros). The expert adapters' gradients are complete on their
+    owner already (the exchange's backward brought every rank's rows there)."""
+    shared = [p for p in params if id(p) not in local]
+    if not shared:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in shared])
+    flat = ranks.sum(flat)
+    i = 0
+    for p in shared:
+        n = p.numel()
+        p.grad = flat[i:i + n].view_as(p).clone()
+        i += n
+
+
+def _dp_losses(logits, labels, router_stats, valid, ranks: _Ranks):
+    """This rank's parts of the global batch's losses (data parallelism): summed over ranks they are the
+    one-process losses of the global batch (lm: the mean over ALL ranks' target tokens; load balancing:
+    f counted over all ranks' tokens, P's sum divided by the global token count; z-loss: the global mean).
+    Returns (lm, aux, z) (aux, z: None without router_stats)."""
+    from grok_torch.finetune.losses import IGNORE_INDEX
+
+    flat = labels.flatten().to(logits.device)
+    count = ranks.sum((flat != IGNORE_INDEX).sum().reshape(1)).clamp_min(1)   # exact: integers
+    lm = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX,
+                                           reduction="sum") / count[0]
+    if router_stats is None:
+        return lm, None, None
+    w = valid.to(logits.device, torch.float32)
+    routed = [(torch.nn.functional.one_hot(k, p.shape[-1]).to(p.dtype) * w.view(-1, 1, 1).to(p.dtype)).sum(0)
+              for _, p, k in router_stats]                                       # [k, E] counts per layer
+    counts = ranks.sum(torch.cat([torch.stack(routed).float().reshape(-1), w.sum().reshape(1)]))
+    n = counts[-1].clamp_min(1)
+    f = (counts[:-1].view(len(routed), *routed[0].shape) / n).to(router_stats[0][1].dtype)
+    aux = torch.stack([p.shape[-1] * (f[i] * ((p.float() * w.view(-1, 1)).sum(0) / n)).sum()
+                       for i, (_, p, _) in enumerate(router_stats)]).mean()
+    z = torch.stack([(torch.logsumexp(lg.float(), -1) ** 2 * w).sum(0) / n for lg, _, _ in router_stats]).mean()
+    return lm, aux, z
+
+
 def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
     from grok_torch.finetune.data import load_corpus
 
@@ -493,10 +557,16 @@ def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
     torch.manual_seed(cfg.seed)
     model = _load_model(cfg, ranks)
     mcfg = model.config
+    dp = ranks.world > 1 and cfg.data_parallel
+    if dp:  # each rank's own tokens through the MoE exchange
+        from grok_torch.parallel.distributed import set_tokens
+
+        set_tokens(model, "local")
     train, evalset, stats = load_corpus(cfg.data, _tokenizer(cfg), seq_len=cfg.seq_len, vocab_size=mcfg.vocab_size,
                                         eos_id=mcfg.eos_token_id, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
                                         max_seq_len=mcfg.max_seq_len, format=cfg.data_format,
-                                        batch_size=cfg.batch_size)
+                                        batch_size=cfg.batch_size, rank=ranks.rank if dp else 0,
+                                        world_size=ranks.world if dp else 1)
     params = _trainable(model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
@@ -520,16 +590,28 @@ def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
             batch = train.next_batch()
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             router_stats = [] if want_stats else None
-            loss = lm_loss(model(ids, router_stats=router_stats), labels)
-            parts["lm_loss"] += float(loss.detach()) / cfg.grad_accum
+            logits = model(ids, router_stats=router_stats)
+            valid = (ids != mcfg.pad_token_id).flatten()
+            if dp:  # this rank's parts of the global batch's losses (their sums over ranks are logged)
+                loss, aux, z = _dp_losses(logits, labels, router_stats, valid, ranks)
+                report = [x.detach().reshape(1) for x in (loss, aux, z) if x is not None]
+                report = [float(v) for v in ranks.sum(torch.cat(report).float())]
+                tokens += ids.numel() * ranks.world
+            else:
+                loss = lm_loss(logits, labels)
+                aux, z = (load_balancing_loss(router_stats, valid), router_z_loss(router_stats, valid)) \
+                    if want_stats else (None, None)
+                report = [float(x.detach()) for x in (loss, aux, z) if x is not None]
+                tokens += ids.numel()
+            del logits
+            parts["lm_loss"] += report[0] / cfg.grad_accum
             if want_stats:
-                valid = (ids != mcfg.pad_token_id).flatten()
-                aux, z = load_balancing_loss(router_stats, valid), router_z_loss(router_stats, valid)
                 loss = loss + cfg.aux_loss_weight * aux + cfg.z_loss_weight * z
-                parts["aux_loss"] += float(aux.detach()) / cfg.grad_accum
-                parts["z_loss"] += float(z.detach()) / cfg.grad_accum
+                parts["aux_loss"] += report[1] / cfg.grad_accum
+                parts["z_loss"] += report[2] / cfg.grad_accum
             (loss / cfg.grad_accum).backward()
-            tokens += ids.numel()
+        if dp:
+            _sum_replicated_grads(params, local, ranks)
         grad_norm = _clip_grad_norm(params, cfg.max_grad_norm, local, ranks)
         lr = sched.get_last_lr()[0]
         opt.step()

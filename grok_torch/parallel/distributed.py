@@ -67,6 +67,18 @@ collectives of backward run on every rank in the same order even where a rank's 
 no tokens. Not trainable: the "ffn" split (LoRA on experts is refused there anyway), LoRA dropout
 on experts (the masks would depend on which rank holds a row, so the ranks' RNG streams, and
 then their replicated adapters' dropout masks, would diverge), ``retain_graph``.
+
+Data parallelism (``set_tokens(model, "local")``; ``grok-finetune`` under torchrun does this). Each
+rank runs the model on its OWN tokens (its slice of the global batch): attention, router and
+embedding see the local tokens only, and the "all_to_all" exchange sends all of this rank's rows
+(not a 1/W share of identical tokens) to the experts' ranks and brings the outputs back, with no
+all_gather: the block returns [T_local, D], and T_local may differ between ranks. Backward: d(out)
+of my tokens -> the reversed all_to_alls as above -> each owner's expert adapters get the gradient
+of every rank's rows (complete there), and d(x), d(gates) of my tokens come back complete (every
+expert term of a token returns to its rank), so they are NOT summed over ranks. The replicated
+parameters' gradients then differ between ranks (each holds its tokens' part): the training loop
+sums them over ranks (``grok_torch.finetune.train``). "all_reduce" and the "ffn" split need
+replicated tokens (they are refused with local tokens). Inference stays "replicated".
 """
 from __future__ import annotations
 
@@ -80,10 +92,11 @@ from grok_torch.config import GrokConfig
 from grok_torch.moe import RoutedMoE
 from grok_torch.parallel.sharded_moe import SPLITS, ExpertShard, ShardSpec, replace_moe_blocks, shard_specs
 
-__all__ = ["prepare_expert_parallel", "ExpertParallelMoE", "CollectiveError", "EXCHANGES", "set_exchange",
-           "rank_bytes", "default_device"]
+__all__ = ["prepare_expert_parallel", "ExpertParallelMoE", "CollectiveError", "EXCHANGES", "TOKENS", "set_exchange",
+           "set_tokens", "rank_bytes", "default_device"]
 
 EXCHANGES = ("all_to_all", "all_reduce")
+TOKENS = ("replicated", "local")
 
 
 class CollectiveError(RuntimeError):
@@ -155,19 +168,37 @@ def prepare_expert_parallel(model: nn.Module, split: str = "experts", *, device=
     return {name: device for name, _ in model.named_parameters()}
 
 
+def _blocks(model: nn.Module) -> list:
+    """The expert-parallel MoE blocks of ``model`` (ValueError when there are none)."""
+    blocks = [layer.moe for layer in model.layers if isinstance(layer.moe, ExpertParallelMoE)]
+    if not blocks:
+        raise ValueError("the model is not expert-parallel (load it with expert_parallel=...)")
+    return blocks
+
+
 def set_exchange(model: nn.Module, exchange: str, deterministic: Optional[bool] = None) -> None:
     """Choose how every expert-parallel MoE block of ``model`` exchanges data (see the module docstring):
     ``exchange`` "all_to_all" | "all_reduce" ("experts" split only; "ffn" always sums partials),
     ``deterministic`` the ordered sum (True) or the backend's all_reduce (False)."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
-    blocks = [layer.moe for layer in model.layers if isinstance(layer.moe, ExpertParallelMoE)]
-    if not blocks:
-        raise ValueError("the model is not expert-parallel (load it with expert_parallel=...)")
+    blocks = _blocks(model)
     for moe in blocks:
         moe.exchange = exchange
         if deterministic is not None:
             moe.deterministic = deterministic
+
+
+def set_tokens(model: nn.Module, tokens: str) -> None:
+    """Whose tokens the expert-parallel MoE blocks of ``model`` see: "replicated" (default: every rank
+    the same tokens, inference and expert-parallel training) or "local" (data parallelism: each rank
+    its own tokens, sent to the experts' ranks and back, no all_gather; the "all_to_all" exchange of
+    the "experts" split only; see "Data parallelism" in the module docstring)."""
+    if tokens not in TOKENS:
+        raise ValueError(f"tokens must be one of {TOKENS}, got {tokens!r}")
+    blocks = _blocks(model)
+    for moe in blocks:
+        moe.tokens = tokens
 
 
 def rank_bytes(model: nn.Module) -> Dict[str, int]:
@@ -181,7 +212,8 @@ class ExpertParallelMoE(RoutedMoE):
     """Drop-in for ``MoE`` (same forward contract) holding this rank's share of the experts.
 
     Every rank must call it with the same ``x_TD`` (the model replicates attention), in the same
-    order: it runs collectives on ``process_group``.
+    order: it runs collectives on ``process_group``. With ``tokens = "local"`` (``set_tokens``: data
+    parallelism) each rank calls it with its own tokens instead, still in the same order.
     """
 
     capturable = False  # the all_to_all exchange reads the row counts on the host; NCCL calls
@@ -197,13 +229,15 @@ class ExpertParallelMoE(RoutedMoE):
         self.experts_per_rank = spec.num_experts
         self.exchange = "all_to_all"
         self.deterministic = True
+        self.tokens = "replicated"
 
     @property
     def spec(self) -> ShardSpec:
         return self.shards[0].spec
 
     def extra_repr(self) -> str:
-        return f"split={self.split!r}, rank={self.rank}, world={self.world}, exchange={self.exchange!r}"
+        return (f"split={self.split!r}, rank={self.rank}, world={self.world}, exchange={self.exchange!r}, "
+                f"tokens={self.tokens!r}")
 
     def forward(
         self, x_TD: torch.Tensor, expert_ids_TK: Optional[torch.Tensor] = None
@@ -214,6 +248,9 @@ class ExpertParallelMoE(RoutedMoE):
         if grad and self.split != "experts":
             raise NotImplementedError("expert parallelism trains with the 'experts' split only: the 'ffn' split is "
                                       "inference-only (run under torch.no_grad())")
+        if self.tokens == "local" and not (self.split == "experts" and self.exchange == "all_to_all"):
+            raise ValueError("local tokens (data parallelism) need the 'experts' split and the 'all_to_all' exchange, "
+                             f"not split {self.split!r} with exchange {self.exchange!r}")
         probs, gates, ids = self.route(x_TD, expert_ids_TK)
         if self.world == 1:
             out = self.shards[0](x_TD, gates, ids, self.dtype, self.impl)
@@ -241,14 +278,18 @@ class ExpertParallelMoE(RoutedMoE):
         return self._sum_over_ranks(partial)
 
     def _backward(self, graph: dict, grad: torch.Tensor, x: torch.Tensor, gates: torch.Tensor, params) -> list:
-        """[d x, d gates, *d params] of this block from d out (the same on every rank)."""
+        """[d x, d gates, *d params] of this block from d out (the same on every rank; local tokens: each
+        rank's own)."""
         if graph.get("kind") == "sum":       # the sum of partials: identity backward
             dx, dg, *dp = _grads(graph["out"], [x, gates, *params], grad)
         elif graph.get("kind") == "a2a":
             g, W, r, share = graph, self.world, self.rank, graph["share"]
-            mine = grad.new_zeros(W * share, grad.shape[1])
-            mine[: grad.shape[0]] = grad
-            (d_back,) = _grads(g["mine"], [g["back"]], mine[r * share:(r + 1) * share])   # my token share
+            if g["local"]:                  # my tokens: d out is d mine
+                (d_back,) = _grads(g["mine"], [g["back"]], grad)
+            else:
+                mine = grad.new_zeros(W * share, grad.shape[1])
+                mine[: grad.shape[0]] = grad
+                (d_back,) = _grads(g["mine"], [g["back"]], mine[r * share:(r + 1) * share])   # my token share
             d_y = d_back.new_empty(sum(g["recv"]), d_back.shape[1])
             self._collective("all_to_all_single (output gradients)", _dist().all_to_all_single, d_y,
                              d_back.contiguous(), output_split_sizes=g["recv"], input_split_sizes=g["send"])
@@ -259,7 +300,9 @@ class ExpertParallelMoE(RoutedMoE):
             dx, dg = _grads(g["payload"], [x, gates], d_payload)
         else:                                # no tokens (T = 0 on every rank): nothing exchanged
             dx, dg, *dp = [torch.zeros_like(t) for t in (x, gates, *params)]
-        if graph.get("kind") is not None:   # each rank holds its experts' part of d x, d gates: sum them
+        if graph.get("kind") is not None and not graph.get("local"):
+            # each rank holds its experts' part of d x, d gates: sum them (local tokens: d x, d gates of my
+            # tokens are complete here, every expert's term came back through the reversed all_to_all)
             D = dx.shape[1]
             both = self._sum_over_ranks(torch.cat([dx.float(), dg.float()], dim=1), ordered=True)
             dx, dg = both[:, :D].to(x.dtype), both[:, D:].to(gates.dtype)
@@ -316,10 +359,14 @@ class ExpertParallelMoE(RoutedMoE):
         T, D = x.shape
         K = ids.shape[1]
         acc = torch.promote_types(x.dtype, torch.float32)
-        if T == 0:
+        local = self.tokens == "local"
+        if T == 0 and not local:                                 # every rank: T = 0 (the tokens are replicated)
             return x.new_zeros(0, D, dtype=acc)
-        share = -(-T // W)                                      # tokens per rank (the last ones may get fewer)
-        s, e = min(r * share, T), min((r + 1) * share, T)
+        if local:                                                # all my tokens (T may differ between ranks)
+            share, s, e = T, 0, T
+        else:
+            share = -(-T // W)                                  # tokens per rank (the last ones may get fewer)
+            s, e = min(r * share, T), min((r + 1) * share, T)
         slot_ids = ids[s:e].reshape(-1)                          # rows (t, k) of my tokens, slot order
         dest = slot_ids // self.experts_per_rank
         order = torch.argsort(dest, stable=True)                 # grouped by rank, (t, k) order kept within
@@ -352,11 +399,13 @@ class ExpertParallelMoE(RoutedMoE):
             for k in range(1, K):                                # slot order, as one device adds them
                 out = out + rows[:, k]
             mine[: e - s] = out
-        full = mine.new_empty(W * share, D)
-        self._gather(full, mine.detach(), "all_gather (token shares)")
         if track:
             graph.update(kind="a2a", share=share, send=send, recv=recv, payload=payload, got=got, y=y, back=back,
-                         mine=mine)
+                         mine=mine, local=local)
+        if local:
+            return mine.detach() if track else mine
+        full = mine.new_empty(W * share, D)
+        self._gather(full, mine.detach(), "all_gather (token shares)")
         return full[:T]
 
 

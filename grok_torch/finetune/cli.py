@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="spread the model over this process's GPUs: experts (each GPU a range of every layer's experts) or "
            "accelerate's planners; each expert's adapters live with it")
     a("--impl", choices=("auto", "torch", "triton"), default="auto", help="kernels (default: triton on CUDA)")
+    a("--no-data-parallel", action="store_true",
+      help="under torchrun: every rank runs the same batch (expert parallelism only) instead of its own slice")
     a("--dist-timeout", type=float, default=1800.0, metavar="S",
       help="under torchrun / accelerate launch: seconds a collective waits for the other ranks (default 1800)")
     a("--tokenizer", help="tokenizer.model (default MODEL/tokenizer.model)")
@@ -111,6 +113,7 @@ def _train(argv: List[str]) -> int:
         z_loss_weight=args.z_loss_weight, gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,
         device=args.device, device_map=args.device_map, impl=args.impl, tokenizer=args.tokenizer,
         data_format=args.data_format, csv=args.csv, tensorboard=args.tensorboard, dist_timeout=args.dist_timeout,
+        data_parallel=not args.no_data_parallel,
         progress=not args.no_progress)
     res = finetune(cfg)
     ev = res["eval"]

@@ -57,6 +57,17 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     return impl
 
 
+def _use_reference(impl: str, x: torch.Tensor, lora: ExpertLoRA | None, op: str) -> bool:
+    """The reference runs for impl "torch", and for expert LoRA with dropout (not in the kernels)."""
+    if resolve_impl(impl, x) == "torch":
+        return True
+    if lora is not None and lora.dropout:
+        _warn_once(f"{op}: expert LoRA with dropout > 0 runs on the PyTorch reference (the Triton kernels "
+                   "take adapters without dropout)")
+        return True
+    return False
+
+
 def fused_moe(
     x: torch.Tensor,
     router_w: torch.Tensor,
@@ -96,9 +107,12 @@ def fused_moe(
                     then depends on scheduling, so results may differ between runs by fp32 rounding
                     (before the cast to compute_dtype). Gradients are the same either way. The reference
                     (impl="torch") accepts and ignores it: it is always deterministic.
-        lora:       ``ExpertLoRA``: per-expert low-rank adapters on w1/w3/w2 (fine-tuning). The
-                    Triton kernels do not take adapters yet: with one, the reference runs (a warning
-                    says so once).
+        lora:       ``ExpertLoRA``: per-expert low-rank adapters on w1/w3/w2 (fine-tuning), the base
+                    weights (int8 or float) frozen or not. Triton: the low-rank products run on the
+                    same expert-sorted rows in exact fp32 and are added to the fp32 pre-activations
+                    (before the GELU) and the expert outputs (before the gate); forward and backward
+                    (x, gates, the adapters A and B). Adapter dropout > 0 is not in the kernels: that
+                    case runs the reference (a warning says so once).
 
     Returns:
         out [T, D] compute_dtype, router_probs [T, E] fp32, topk_ids [T, k] int64.
@@ -111,14 +125,11 @@ def fused_moe(
         compute_dtype=compute_dtype,
         expert_ids=expert_ids,
     )
-    if lora is not None or resolve_impl(impl, x) == "torch":
-        if lora is not None and resolve_impl(impl, x) == "triton":
-            _warn_once("fused_moe: expert LoRA adapters run on the PyTorch reference (the Triton kernels "
-                       "do not take adapters yet)")
+    if _use_reference(impl, x, lora, "fused_moe"):
         return moe_reference(x, router_w, w1, w3, w2, lora=lora, **kwargs)
     from .ops import fused_moe_triton  # Triton only when asked for
 
-    return fused_moe_triton(x, router_w, w1, w3, w2, deterministic=deterministic, **kwargs)
+    return fused_moe_triton(x, router_w, w1, w3, w2, deterministic=deterministic, lora=lora, **kwargs)
 
 
 def moe_router(
@@ -183,18 +194,16 @@ def moe_experts(
         f_partial:    the weights hold a slice of F: each expert's down projection is a partial sum
                       and is not rounded to the compute dtype before the gate (the reference rounds
                       a complete one, as fused_moe does; the Triton kernels never round it).
-        lora:         ``ExpertLoRA`` of these experts (indexed like w1), as in ``fused_moe``.
+        lora:         ``ExpertLoRA`` of these experts (indexed like w1), as in ``fused_moe`` (Triton
+                      unless its dropout is > 0).
 
     With top_k = 2 (Grok-1), the sum of the expert-split partials equals ``fused_moe``'s output bit
     for bit before the final cast: a token's two slots are either in one partial, in the same
     order, or in two (fp32 addition of two terms commutes, and the other partials add exact zeros).
     """
     kwargs = dict(scales=scales, expert_start=expert_start, compute_dtype=compute_dtype)
-    if lora is not None or resolve_impl(impl, x) == "torch":
-        if lora is not None and resolve_impl(impl, x) == "triton":
-            _warn_once("moe_experts: expert LoRA adapters run on the PyTorch reference (the Triton kernels "
-                       "do not take adapters yet)")
+    if _use_reference(impl, x, lora, "moe_experts"):
         return moe_experts_reference(x, gates, topk_ids, w1, w3, w2, f_partial=f_partial, lora=lora, **kwargs)
     from .ops import moe_experts_triton
 
-    return moe_experts_triton(x, gates, topk_ids, w1, w3, w2, deterministic=deterministic, **kwargs)
+    return moe_experts_triton(x, gates, topk_ids, w1, w3, w2, deterministic=deterministic, lora=lora, **kwargs)

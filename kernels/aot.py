@@ -9,7 +9,9 @@
 Three kinds of scenario, at Grok-1 shapes (d_model 6144; 48 q heads over 8 kv heads of 128):
   * moe: `fused_moe_triton` (routing, grouped GEMMs, combine; backward when training), F = 32768 and
     4096. Release: int8 weights, bf16 compute, inference. --full: bf16/fp16/fp32, int8 and float
-    weights, the atomic combine, LoRA (x grads) and full training (weight grads).
+    weights, the atomic combine, frozen experts (x grads only), full training (weight grads) and
+    expert LoRA (rank LORA_RANK adapters on w1/w3/w2: the fp32 low-rank GEMMs, the up/down GEMMs
+    that add their deltas, the adapters' gradients; inference and training).
   * linear: `int8_linear_triton` for the four attention projections wq, wk, wv (6144 -> 6144, 1024,
     1024) and wo (6144 -> 6144), int8 with the release K groups (1, 1, 1, 8), fp32 x (as the model
     passes it), at each token count of TOKENS, precision fp32 (the model's default) and bf16.
@@ -56,6 +58,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+# Rank of the expert-LoRA scenarios (grok_torch.lora's default-sized adapters; below every tile).
+LORA_RANK = 16
 # Grok-1's MoE layer: the whole layer on one GPU (F=32768) and an 8-way slice of every expert (F=4096).
 GROK1 = dict(D=6144, E=8, top_k=2)
 FFN_SIZES = (32768, 4096)
@@ -93,7 +97,8 @@ class Scenario:
     compute: str = "bf16"  # bf16 | fp16 | fp32
     weights: str = "int8"  # int8 (release layout, G = 1, 1, 8) | float (the compute dtype)
     deterministic: bool = True
-    train: str = "none"  # none | x (frozen experts: LoRA) | weights (experts trained too; float only)
+    train: str = "none"  # none | x (frozen experts) | weights (experts trained too; float only)
+    #                      | lora (frozen experts + ExpertLoRA: a no-grad forward, then forward + backward)
 
     @property
     def name(self) -> str:
@@ -155,7 +160,7 @@ def scenarios(full: bool = False, kinds: tuple = KINDS) -> list:
                     for cd in ("bf16", "fp16", "fp32"):
                         for w in ("int8", "float"):
                             for det in (True, False):
-                                for train in ("none", "x") + (("weights",) if w == "float" else ()):
+                                for train in ("none", "x") + (("weights",) if w == "float" else ()) + ("lora",):
                                     out.append(Scenario(T, F, cd, w, det, train))
     if "linear" in kinds:
         tokens = sorted(TOKENS + (8,)) if full else TOKENS
@@ -238,6 +243,18 @@ def _run_moe(sc: Scenario) -> None:
     scales = None
     if sc.weights == "int8":
         scales = tuple(torch.empty(E, g, n, dtype=torch.bfloat16, **meta) for g, n in ((1, sc.F), (1, sc.F), (8, D)))
+    if sc.train == "lora":
+        from .reference import ExpertLoRA
+
+        r = LORA_RANK
+        lora = ExpertLoRA(*[tuple(torch.empty(E, *s, dtype=torch.float32, requires_grad=True, **meta) for s in ss)
+                            for ss in (((D, r), (r, sc.F)), ((D, r), (r, sc.F)), ((sc.F, r), (r, D)))], scale=2.0)
+        kw = dict(top_k=k, scales=scales, compute_dtype=dt, deterministic=sc.deterministic, lora=lora)
+        with torch.no_grad():  # inference with unmerged adapters
+            fused_moe_triton(x, router_w, w1, w3, w2, **kw)
+        out, _, _ = fused_moe_triton(x, router_w, w1, w3, w2, **kw)
+        out.backward(torch.empty_like(out))
+        return
     with torch.set_grad_enabled(sc.train != "none"):
         out, _, _ = fused_moe_triton(x, router_w, w1, w3, w2, top_k=k, scales=scales, compute_dtype=dt,
                                      deterministic=sc.deterministic)
@@ -316,9 +333,13 @@ def _describe(kernel: str, sig: dict, c: dict, options: dict, sc=None) -> str:
         return f"align-E{c['E_PAD']}-m{c['BLOCK_M']}"
     if kernel == "_combine_kernel":
         return f"combine-k{c['TOP_K']}-{sig['out_ptr'].lstrip('*')}"
+    # the LoRA-only launches (low-rank GEMMs, adapter grads) first appear in a lora scenario
+    lora = "lora-" if isinstance(sc, Scenario) and sc.train == "lora" else ""
     if kernel == "_moe_wgrad_kernel":
-        return f"wgrad-{'w2' if c['B_GATED'] else 'w13'}-{dt}"
-    role = {1: "up", 2: "down", 3: "down-atomic"}.get(c["EPILOGUE"]) or ("bwd-dA" if c["A_BY_TOKEN"] else "bwd-dx")
+        return f"{lora}wgrad-{'w2' if c['B_GATED'] else 'w13'}-{dt}"
+    role = {1: "up", 2: "down", 3: "down-atomic"}.get(c["EPILOGUE"]) or (lora + ("bwd-dA" if c["A_BY_TOKEN"] else "bwd-dx"))
+    if c.get("PREACT_IN"):
+        role += "-lora"
     if c.get("STORE_PREACT"):
         role += "-train"
     tile = f"m{c['BLOCK_M']}n{c['BLOCK_N']}k{c['BLOCK_K']}w{options.get('num_warps', 4)}s{options.get('num_stages', 3)}"

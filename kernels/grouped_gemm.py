@@ -16,7 +16,9 @@
           storing the row, atomically adds it (fp32, relaxed) into C[token] = C[row // TOP_K]:
           the top-k combine inside the down GEMM (deterministic=False; C must start zeroed, and
           the order of the k additions per token depends on tile scheduling, so the bits may
-          differ between runs).
+          differ between runs). PREACT_IN starts the accumulators at precomputed fp32 per-row
+          deltas instead of 0 (expert LoRA: the low-rank terms, before the GELU in the up GEMM and
+          before the gate in the down GEMM); with STORE_PREACT the sums are stored back in place.
     _moe_wgrad_kernel  grid (E, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q))
         expert weight gradients for training: dW[e] = A[rows of e]^T @ B[rows of e], reducing over
         each expert's sorted rows (gathered through the same index; optional gate on B's rows).
@@ -47,8 +49,8 @@ def _moe_gemm_kernel(
     s_ptr,  # *bf16|float scales of B (read only when SCALE_MODE > 0)
     s2_ptr,  # *bf16|float scales of B2 (read only when DUAL and SCALE_MODE > 0)
     c_ptr,  # *float C [NUMEL, N] out, indexed by the flat (token, slot) row; EPILOGUE 3: [T, N] by token
-    g_ptr,  # *fp32 [NUMEL, N] out: pre-activation acc (only when STORE_PREACT; C's strides)
-    u_ptr,  # *fp32 [NUMEL, N] out: pre-activation acc2 (only when STORE_PREACT; C's strides)
+    g_ptr,  # *fp32 [NUMEL, N]: pre-activation acc out (STORE_PREACT); in: acc's start (PREACT_IN & 1)
+    u_ptr,  # *fp32 [NUMEL, N]: pre-activation acc2 out (STORE_PREACT); in: acc2's start (PREACT_IN & 2)
     gate_ptr,  # *fp32 [NUMEL] gate of each flat row (read only when EPILOGUE is 2 or 3)
     sorted_ptr,  # *int32 [MAX_BLOCKS * BLOCK_M] flat row of each GEMM row; NUMEL = padding
     block_expert_ptr,  # *int32 [MAX_BLOCKS] expert of each tile; -1 = no work
@@ -69,6 +71,8 @@ def _moe_gemm_kernel(
     SCALE_MODE: tl.constexpr,  # 0 float B; 1 int8, scale in the accumulator; 2 int8, dequant per tile
     EPILOGUE: tl.constexpr,  # 0 plain; 1 gelu_tanh(acc) * acc2; 2 acc * gate; 3 atomic C[token] += acc * gate
     STORE_PREACT: tl.constexpr,  # EPILOGUE 1: also store acc and acc2 in fp32 (for the backward)
+    PREACT_IN: tl.constexpr,  # bit 1: acc starts at g[row], bit 2: acc2 at u[row] (fp32, C's strides): the
+    #                           LoRA deltas (up: before the GELU, stored back with STORE_PREACT)
     CDTYPE: tl.constexpr,  # compute dtype of the tensor-core inputs
     ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 only for gradcheck runs in fp64)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 compute (no tf32), ignored by 16-bit dots
@@ -100,8 +104,17 @@ def _moe_gemm_kernel(
     s2_base = s2_ptr + expert.to(tl.int64) * stride_se
     a_row_ptr = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # PREACT_IN: the accumulators start at the given deltas (no extra live tiles in the epilogue)
+    if PREACT_IN & 1:
+        d_off = rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        acc = tl.load(g_ptr + d_off, mask=row_mask[:, None] & n_mask[None, :], other=0.0).to(ACC)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    if PREACT_IN & 2:
+        d_off = rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        acc2 = tl.load(u_ptr + d_off, mask=row_mask[:, None] & n_mask[None, :], other=0.0).to(ACC)
+    else:
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for grp in range(0, NUM_GROUPS):
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         part2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)

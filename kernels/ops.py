@@ -11,6 +11,9 @@ Backward (3 GEMM launches reusing _moe_gemm_kernel with transposed weight stride
     dx = sum_k (dg @ w1[e]^T + du @ w3[e]^T)
     dw1 = x^T dg, dw3 = x^T du, dw2 = act^T (gate * dout) per expert, over its own rows
     (_moe_wgrad_kernel; only for weights that require grad: bf16/fp32 training).
+Expert LoRA (ExpertLoRA, dropout 0): per adapted matrix 2 more grouped-GEMM launches (exact fp32
+low-rank products t = scale * in @ A[e], delta = t @ B[e]) before the up / down GEMM, whose
+accumulators start at the deltas; backward: 2 transposed low-rank GEMMs + 2 weight grads per matrix.
 Gates stay differentiable through the router: when autograd is recording, the router probabilities
 are recomputed with torch ops at the kernel's chosen experts (T x D x E, negligible), so gradients
 reach x and router_w through the softmax; without autograd the kernel's probabilities are returned.
@@ -51,6 +54,9 @@ __all__ = [
     "moe_down",
     "moe_combine",
     "moe_weight_grad",
+    "moe_lora_gemm",
+    "lora_config",
+    "lora_args",
     "fused_moe_triton",
 ]
 
@@ -277,10 +283,16 @@ def _check_weight(name: str, w: torch.Tensor, shape: tuple, scale: torch.Tensor 
 def _launch_gemm(
     a, a_by_token, b, b2, s, s2, c, routing, *, N, K, kb, nb, top_k, numel, cd, cfg,
     scale_mode, groups=1, div_k=1, div_n=1, sk=0, sn=0, epilogue=0, gate=None, preact=None,
+    store_preact=None, preact_in=0,
 ):
-    """One grouped-GEMM launch. kb/nb are B's strides along the reduction and output dims."""
+    """One grouped-GEMM launch. kb/nb are B's strides along the reduction and output dims.
+
+    preact: (g, u) fp32 buffers with C's strides: written (store_preact, default when given) and/or
+    read and added to the accumulators first (preact_in bits 1: g, 2: u; the LoRA deltas)."""
     c1, c2 = gelu_constants(cd)
-    g_out, u_out = preact if preact is not None else (c, c)
+    g_out, u_out = (x if x is not None else c for x in preact) if preact is not None else (c, c)
+    if store_preact is None:
+        store_preact = preact is not None
     grid = (routing.max_blocks, triton.cdiv(N, cfg.block_n))
     _moe_gemm_kernel[grid](
         a, b, b2 if b2 is not None else b, s if s is not None else b, s2 if s2 is not None else b,
@@ -292,13 +304,22 @@ def _launch_gemm(
         s.stride(0) if s is not None else 0, sk, sn,
         c.stride(0), c.stride(1),
         TOP_K=top_k, A_BY_TOKEN=a_by_token, DUAL=b2 is not None, SCALE_MODE=scale_mode,
-        EPILOGUE=epilogue, STORE_PREACT=preact is not None,
+        EPILOGUE=epilogue, STORE_PREACT=bool(store_preact), PREACT_IN=preact_in,
         CDTYPE=_TL_DTYPE[cd], ACC=tl.float64 if cd == torch.float64 else tl.float32,
         DOT_PRECISION="ieee" if cd in (torch.float32, torch.float64) else "tf32",
         C1=c1, C2=c2,
         BLOCK_M=routing.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def _delta_tiles(cfg: GemmConfig, cd: torch.dtype) -> GemmConfig:
+    """Tiles of an up/down GEMM whose accumulators start at LoRA deltas (PREACT_IN): the tiles loaded
+    before the main loop stay live through it, so fewer pipeline stages (and N <= preact_block_n);
+    without this some sm_90 variants spill (`python -m grok_torch.kernels.aot --full --table`)."""
+    if cd in (torch.float32, torch.float64):
+        return replace(cfg, num_stages=1)
+    return replace(cfg, block_n=min(cfg.block_n, cfg.preact_block_n), num_stages=min(cfg.num_stages, 3))
 
 
 def moe_up(
@@ -311,11 +332,14 @@ def moe_up(
     compute_dtype: torch.dtype | None = None,
     config: GemmConfig | None = None,
     store_preact: bool = False,
+    delta: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ):
     """act[t*K+k] = gelu_tanh(x[t] @ w1[e]) * (x[t] @ w3[e]) for e = topk_ids[t, k]; [T*K, F] compute dtype.
 
     x rows are gathered in the kernel (no permuted copy); with store_preact also returns the fp32
-    pre-activations (g, u) the backward needs.
+    pre-activations (g, u) the backward needs. delta: (d1, d3), fp32 [T*K, F] (or None) added to the
+    gate / up pre-activations before the GELU (the expert-LoRA terms); with store_preact the buffers
+    given are overwritten with the pre-activations and returned as (g, u).
     """
     T, D = x.shape
     _check(w1.dim() == 3, f"w1 must be [E, D, F], got {list(w1.shape)}")
@@ -331,15 +355,26 @@ def moe_up(
     _check(cfg.block_m == routing.block_m, f"config.block_m={cfg.block_m} != routing.block_m={routing.block_m}")
     new = torch.zeros if routing.partial else torch.empty  # rows of other shards' experts stay 0
     act = new(T * K, F, dtype=cd, device=x.device)
+    acc = torch.float64 if cd == torch.float64 else torch.float32
+    d1, d3 = delta if delta is not None else (None, None)
+    for name, d in (("delta[0]", d1), ("delta[1]", d3)):
+        _check(d is None or (d.shape == (T * K, F) and d.dtype == acc and d.is_contiguous()),
+               f"{name} must be a contiguous {acc} [T*K={T * K}, F={F}] tensor")
+    preact_in = (1 if d1 is not None else 0) | (2 if d3 is not None else 0)
     preact = None
     if store_preact:
-        acc = torch.float64 if cd == torch.float64 else torch.float32
-        preact = (new(T * K, F, dtype=acc, device=x.device), new(T * K, F, dtype=acc, device=x.device))
         cfg = replace(cfg, block_n=min(cfg.block_n, cfg.preact_block_n))
+    if preact_in:
+        cfg = _delta_tiles(cfg, cd)
+    if store_preact:
+        preact = tuple(d if d is not None else new(T * K, F, dtype=acc, device=x.device) for d in (d1, d3))
+    elif preact_in:
+        preact = (d1, d3)
     _launch_gemm(
         x, True, w1, w3, s1, s3, act, routing, N=F, K=D, kb=w1.stride(1), nb=w1.stride(2), top_k=K,
         numel=T * K, cd=cd, cfg=cfg, scale_mode=1 if g1 else 0, groups=max(g1, 1),
         sk=s1.stride(1) if g1 else 0, sn=s1.stride(2) if g1 else 0, epilogue=1, preact=preact,
+        store_preact=store_preact, preact_in=preact_in,
     )
     return (act, *preact) if store_preact else act
 
@@ -354,8 +389,11 @@ def moe_down(
     compute_dtype: torch.dtype | None = None,
     config: GemmConfig | None = None,
     deterministic: bool = True,
+    delta: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y[t*K+k] = gate[t, k] * (act[t*K+k] @ w2[e]); [T*K, D] fp32 (fp64 for fp64 compute).
+    """y[t*K+k] = gate[t, k] * (act[t*K+k] @ w2[e] + delta[t*K+k]); [T*K, D] fp32 (fp64 for fp64 compute).
+
+    delta: optional fp32 [T*K, D] added before the gate (the expert-LoRA term of the down projection).
 
     deterministic=False: the combine happens in the epilogue instead; returns out[t] = sum_k y[t*K+k]
     as [T, D] fp32 (fp64), accumulated with atomics into a zeroed buffer (no moe_combine needed;
@@ -372,7 +410,11 @@ def moe_down(
     gates = routing.gates if gates is None else gates
     _check(gates.shape == (T, K), f"gates must be [T={T}, K={K}], got {list(gates.shape)}")
     cfg = config or gemm_config(T, K, E, cd)
+    if delta is not None:
+        cfg = _delta_tiles(cfg, cd)
     acc = torch.float64 if cd == torch.float64 else torch.float32
+    _check(delta is None or (delta.shape == (numel, D) and delta.dtype == acc and delta.is_contiguous()),
+           f"delta must be a contiguous {acc} [T*K={numel}, D={D}] tensor")
     if deterministic:
         y = (torch.zeros if routing.partial else torch.empty)(numel, D, dtype=acc, device=act.device)
     else:
@@ -383,6 +425,7 @@ def moe_down(
         sk=scale.stride(1) if G else 0, sn=scale.stride(2) if G else 0,
         epilogue=2 if deterministic else 3,
         gate=gates.float().contiguous() if cd != torch.float64 else gates.contiguous(),
+        preact=None if delta is None else (delta, None), store_preact=False, preact_in=1 if delta is not None else 0,
     )
     return y
 
@@ -441,62 +484,169 @@ def moe_weight_grad(a, a_by_token, b, b_by_token, routing, w, *, cd, gates=None,
 
 
 # ---------------------------------------------------------------------------------------------
+# Expert LoRA: low-rank products on the same expert-sorted rows
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_config(cfg: GemmConfig, num_tokens: int, top_k: int, num_experts: int) -> GemmConfig:
+    """Tiles of the LoRA GEMMs: the fp32 ones of gemm_config (exact fp32, as the reference adds the
+    deltas in fp32), with the routing's BLOCK_M."""
+    return replace(gemm_config(num_tokens, top_k, num_experts, torch.float32), block_m=cfg.block_m)
+
+
+def moe_lora_gemm(a, a_by_token, w, routing, *, cfg, acc=torch.float32, top_k=None):
+    """out[row] = a[row or token] @ w[e] for each sorted row of expert e: float w [E, K, N] -> fp32
+    [T*K, N] (exact fp32; rows of other shards' experts 0). The LoRA low-rank products: the rank
+    r may be below the tile (masked)."""
+    T, K = routing.topk_ids.shape
+    _, Kw, N = w.shape
+    _check(a.shape[1] == Kw, f"LoRA GEMM: A [*, {Kw}] expected, got {list(a.shape)}")
+    out = (torch.zeros if routing.partial else torch.empty)(T * K, N, dtype=acc, device=a.device)
+    _launch_gemm(a, a_by_token, w, None, None, None, out, routing, N=N, K=Kw, kb=w.stride(1), nb=w.stride(2),
+                 top_k=K, numel=T * K, cd=acc, cfg=cfg, scale_mode=0)
+    return out
+
+
+def _lora_forward(a, a_by_token, A, B, scale, routing, cfg, acc):
+    """(t, delta): t = scale * a[row] @ A[e] ([T*K, r] fp32), delta = t @ B[e] ([T*K, N] fp32)."""
+    t = moe_lora_gemm(a, a_by_token, A, routing, cfg=cfg, acc=acc) * scale
+    return t, moe_lora_gemm(t, False, B, routing, cfg=cfg, acc=acc)
+
+
+def lora_args(lora, E: int, D: int, F: int) -> tuple:
+    """An ExpertLoRA (dropout 0) as the trailing arguments of _MoEExperts: (scale, A1, B1, A3, B3, A2, B2)."""
+    if lora is None:
+        return (0.0,) + (None,) * 6
+    _check(not lora.dropout, "the Triton kernels take expert LoRA without dropout (lora.dropout must be 0)")
+    out: list = [float(lora.scale)]
+    for name, ab, (i, o) in (("w1", lora.w1, (D, F)), ("w3", lora.w3, (D, F)), ("w2", lora.w2, (F, D))):
+        if ab is None:
+            out += [None, None]
+            continue
+        a, b = ab
+        _check(a.dim() == 3 and b.dim() == 3 and tuple(a.shape[:2]) == (E, i) and b.shape[0] == E
+               and b.shape[1] == a.shape[2] and b.shape[2] == o and a.is_floating_point() and b.is_floating_point(),
+               f"lora.{name} must be float (A [E={E}, {i}, r], B [E={E}, r, {o}]), got "
+               f"{list(a.shape)} {a.dtype}, {list(b.shape)} {b.dtype}")
+        out += [a, b]
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------------
 
 
 class _MoEExperts(torch.autograd.Function):
-    """out = sum_k gate_k * w2(gelu_tanh(w1 x) * w3 x) over each token's experts (routing fixed)."""
+    """out = sum_k gate_k * w2(gelu_tanh(w1 x) * w3 x) over each token's experts (routing fixed).
+
+    Expert LoRA (trailing arguments, see lora_args): t = scale * x[row] @ A[e] and delta = t @ B[e]
+    by the same grouped GEMM in exact fp32 (lora_config), the deltas added to the fp32 accumulators
+    in the up GEMM's epilogue (before the GELU) and the down GEMM's (before the gate). Backward:
+    dB[e] = t^T dpre, dA[e] = in^T (scale * dpre @ B[e]^T) over the expert's rows (moe_weight_grad),
+    and the same low-rank products add to dx, d act and dgates.
+    """
 
     @staticmethod
-    def forward(ctx, x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, deterministic, out_dtype=None):
+    def forward(ctx, x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, deterministic, out_dtype=None,
+                lora_scale=0.0, a1=None, b1=None, a3=None, b3=None, a2=None, b2=None):
         T, K = routing.topk_ids.shape
-        need_grad = any(ctx.needs_input_grad[:5])
+        need_grad = any(ctx.needs_input_grad)
+        acc = torch.float64 if cd == torch.float64 else torch.float32
+        lcfg = lora_config(cfg, T, K, w1.shape[0])
+        t1 = t3 = t2 = d1 = d3 = d2 = None
+        if a1 is not None or a3 is not None:
+            x_c = x.to(cd)  # the reference's deltas: fp32 products of the compute-dtype x
+            if a1 is not None:
+                t1, d1 = _lora_forward(x_c, True, a1, b1, lora_scale, routing, lcfg, acc)
+            if a3 is not None:
+                t3, d3 = _lora_forward(x_c, True, a3, b3, lora_scale, routing, lcfg, acc)
         up = moe_up(
             x, w1, w3, routing, scales=None if s1 is None else (s1, s3), compute_dtype=cd, config=cfg,
-            store_preact=need_grad,
+            store_preact=need_grad, delta=(d1, d3),
         )
         act, g, u = up if need_grad else (up, None, None)
-        y = moe_down(act, w2, routing, scale=s2, gates=gates, compute_dtype=cd, config=cfg, deterministic=deterministic)
+        if a2 is not None:
+            t2, d2 = _lora_forward(act, False, a2, b2, lora_scale, routing, lcfg, acc)
+        y = moe_down(act, w2, routing, scale=s2, gates=gates, compute_dtype=cd, config=cfg, deterministic=deterministic,
+                     delta=d2)
         # deterministic: combine launch in slot order; otherwise the down GEMM already summed the slots
         out_dtype = out_dtype or cd
         out = moe_combine(y, K, out_dtype) if deterministic else y.to(out_dtype)
         if need_grad:
-            ctx.save_for_backward(x, gates, w1, w3, w2, s1, s3, s2, act, g, u)
-            ctx.routing, ctx.cd, ctx.cfg = routing, cd, cfg
+            ctx.save_for_backward(x, gates, w1, w3, w2, s1, s3, s2, act, g, u, t1, t3, t2, a1, b1, a3, b3, a2, b2)
+            ctx.routing, ctx.cd, ctx.cfg, ctx.lcfg, ctx.lora_scale = routing, cd, cfg, lcfg, lora_scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, gates, w1, w3, w2, s1, s3, s2, act, g, u = ctx.saved_tensors
-        routing, cd, cfg = ctx.routing, ctx.cd, ctx.cfg
+        x, gates, w1, w3, w2, s1, s3, s2, act, g, u, t1, t3, t2, a1, b1, a3, b3, a2, b2 = ctx.saved_tensors
+        routing, cd, cfg, sc = ctx.routing, ctx.cd, ctx.cfg, ctx.lora_scale
+        need = ctx.needs_input_grad
         T, K = routing.topk_ids.shape
         acc = g.dtype
+        lkw = dict(cd=acc, cfg=ctx.lcfg, top_k=K, numel=T * K)  # the LoRA products: exact fp32
+        dout_f = dout.to(acc).contiguous()  # the LoRA gradients take the incoming gradient unrounded
         dout = dout.to(cd).contiguous()
         # dA = dout[token] @ w2[e]^T, before the gate (so dgate = <dA, act>)
         dA = _moe_transposed(dout, True, w2, s2, routing, cd=cd, cfg=cfg, top_k=K, numel=T * K)
         gate_c = gates.to(cd).to(acc).reshape(-1, 1)
-        dgates = (dA * act.to(acc)).sum(-1).view(T, K)
+        dgates = (dA * act.to(acc)).sum(-1)
         da = dA * gate_c
+        da2 = db2 = None
+        if a2 is not None:
+            p2 = _moe_transposed(dout_f, True, b2, None, routing, **lkw)  # dout[token] @ B2[e]^T: [T*K, r]
+            dgates = dgates + (p2 * t2).sum(-1)  # <dout, t2 @ B2[e]>
+            dt2 = p2 * (gate_c * sc)  # gradient of act @ A2[e]
+            da = da + _moe_transposed(dt2, False, a2, None, routing, **lkw)
+            if need[18]:
+                da2 = moe_weight_grad(act, False, dt2, False, routing, a2, cd=acc)
+            if need[19]:
+                db2 = moe_weight_grad(t2, False, dout_f, True, routing, b2, cd=acc, gates=gate_c)
         c1, c2 = gelu_constants(cd)
         inner = 2.0 * c1 * (g + c2 * g**3)
         sig = torch.sigmoid(inner)
         gelu = g * sig
         dgelu = sig + g * sig * (1 - sig) * 2.0 * c1 * (1 + 3 * c2 * g * g)
-        dg = (da * u * dgelu).to(cd)
-        du = (da * gelu).to(cd)
+        dg_f = da * u * dgelu
+        du_f = da * gelu
+        dg, du = dg_f.to(cd), du_f.to(cd)
         dx = dw1 = dw3 = dw2 = None
-        if ctx.needs_input_grad[0]:
+        if need[0]:
             dx1 = _moe_transposed(dg, False, w1, s1, routing, cd=cd, cfg=cfg, top_k=K, numel=T * K)
             dx3 = _moe_transposed(du, False, w3, s3, routing, cd=cd, cfg=cfg, top_k=K, numel=T * K)
-            dx = (dx1 + dx3).view(T, K, -1).sum(1).to(x.dtype)
-        if ctx.needs_input_grad[2]:
+            dx = dx1 + dx3
+        lora_grads = []
+        x_c = x.to(cd) if (a1 is not None and need[14]) or (a3 is not None and need[16]) else None
+        for a_, b_, t_, d_, ia in ((a1, b1, t1, dg_f, 14), (a3, b3, t3, du_f, 16)):
+            dA_ = dB_ = None
+            if a_ is not None:
+                q = _moe_transposed(d_, False, b_, None, routing, **lkw) * sc  # gradient of x @ A[e]
+                if need[0]:
+                    dx = dx + _moe_transposed(q, False, a_, None, routing, **lkw)
+                if need[ia]:
+                    dA_ = moe_weight_grad(x_c, True, q, False, routing, a_, cd=acc)
+                if need[ia + 1]:
+                    dB_ = moe_weight_grad(t_, False, d_, False, routing, b_, cd=acc)
+            lora_grads += [dA_, dB_]
+        if dx is not None:
+            dx = dx.view(T, K, -1).sum(1).to(x.dtype)
+        if need[2]:
             dw1 = moe_weight_grad(x, True, dg, False, routing, w1, cd=cd)
-        if ctx.needs_input_grad[3]:
+        if need[3]:
             dw3 = moe_weight_grad(x, True, du, False, routing, w3, cd=cd)
-        if ctx.needs_input_grad[4]:
+        if need[4]:
             dw2 = moe_weight_grad(act, False, dout, True, routing, w2, cd=cd, gates=gates)
-        return dx, dgates.to(gates.dtype), dw1, dw3, dw2, None, None, None, None, None, None, None, None
+        return (dx, dgates.view(T, K).to(gates.dtype), dw1, dw3, dw2) + (None,) * 9 + (*lora_grads, da2, db2)
+
+
+def _experts_apply(x, gates, w1, w3, w2, *rest):
+    """_MoEExperts.apply; without grad mode its inputs are detached first (needs_input_grad ignores the
+    mode), so inference with trainable adapters or x keeps nothing for a backward."""
+    if not torch.is_grad_enabled():
+        x, gates, w1, w3, w2 = (t.detach() for t in (x, gates, w1, w3, w2))
+        rest = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in rest)
+    return _MoEExperts.apply(x, gates, w1, w3, w2, *rest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +669,7 @@ def fused_moe_triton(
     expert_ids: torch.Tensor | None = None,
     config: GemmConfig | None = None,
     deterministic: bool = True,
+    lora=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton MoE layer; same contract as grok_torch.kernels.fused_moe (see there).
 
@@ -543,7 +694,8 @@ def fused_moe_triton(
         )
     probs, gates = router_grad(x, router_w, routing.router_probs, routing.gates, routing.topk_ids,
                                renormalize=renormalize, router_softcap=router_softcap)
-    out = _MoEExperts.apply(x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, bool(deterministic))
+    largs = lora_args(lora, E, D, w1.shape[2])
+    out = _experts_apply(x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, bool(deterministic), None, *largs)
     return out, probs, routing.topk_ids.long()
 
 
@@ -560,6 +712,7 @@ def moe_experts_triton(
     compute_dtype: torch.dtype | None = None,
     config: GemmConfig | None = None,
     deterministic: bool = True,
+    lora=None,
 ) -> torch.Tensor:
     """The experts of the layer with the routing given; same contract as grok_torch.kernels.moe_experts.
 
@@ -581,4 +734,5 @@ def moe_experts_triton(
     with torch.no_grad():
         routing = local_routing(gates, topk_ids, expert_start, E_local, cfg.block_m)
     acc = torch.float64 if cd == torch.float64 else torch.float32
-    return _MoEExperts.apply(x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, bool(deterministic), acc)
+    largs = lora_args(lora, E_local, x.shape[1], w1.shape[2])
+    return _experts_apply(x, gates, w1, w3, w2, s1, s3, s2, routing, cd, cfg, bool(deterministic), acc, *largs)

@@ -13,7 +13,8 @@
   deterministic=False MoE down GEMM has atomic adds.
 By default the release path is compiled (MoE: int8 weights, bf16 compute, inference; the projections
 and attention over a bf16 cache, fp32 and bf16 precision); under CI (or with GROK_AOT_FULL=1) every
-variant: MoE bf16/fp16/fp32, float and int8, atomic combine, LoRA and full training; the projections'
+variant: MoE bf16/fp16/fp32, float and int8, atomic combine, frozen-expert, full and expert-LoRA training
+(the LoRA low-rank GEMMs are exact fp32, so FMA, at every compute dtype); the projections'
 grad_input (transposed) products; attention over fp32/fp16 caches, speculative decode, no cache.
 """
 import json
@@ -76,6 +77,21 @@ def test_launch_sequence_is_shape_only():
     assert full[8:] == ["_moe_wgrad_kernel"] * 3
 
 
+def test_lora_launches_are_shape_only():
+    """Expert LoRA (rank aot.LORA_RANK): per adapted matrix 2 low-rank GEMMs before the up (down)
+    GEMM that adds their deltas; the backward adds per matrix 2 transposed low-rank GEMMs and 2
+    weight grads. The no-grad forward first, then forward + backward."""
+    calls = aot.record_launches(aot.Scenario(T=64, train="lora"))
+    names = [fn.__name__ for fn, _, _, _ in calls]
+    fwd = ["_router_topk_kernel", "_align_kernel"] + ["_moe_gemm_kernel"] * 8 + ["_combine_kernel"]
+    bwd = ["_moe_gemm_kernel"] * 3 + ["_moe_wgrad_kernel"] * 2 + ["_moe_gemm_kernel"] * 2 + (
+        ["_moe_gemm_kernel"] * 2 + ["_moe_wgrad_kernel"] * 2) * 2
+    assert names == fwd + fwd + bwd
+    preact_in = [kw["PREACT_IN"] for fn, _, _, kw in calls[:11] if fn.__name__ == "_moe_gemm_kernel"]
+    assert preact_in == [0, 0, 0, 0, 3, 0, 0, 1]  # the up GEMM adds both deltas, the down GEMM its one
+    assert calls[2][1][1] == 1  # x @ A: one column tile for r = 16
+
+
 def test_attention_launches_are_shape_only():
     """The projections and the attention core run on the meta device too (one launch each; a split
     reduction adds its fixed-order sum); grids: (tiles, chunks) and (token blocks, kv heads, batch)."""
@@ -132,6 +148,7 @@ def test_compiles_for_sm90(full):
                                  "attn-prefill-T512-S8192-bf16cache") for p in ("fp32", "bf16")} <= names
     if full:
         assert {"up-train", "down-atomic", "bwd-dA", "bwd-dx"} <= roles and "_moe_wgrad_kernel" in kernels
+        assert {"up-lora", "up-lora-train", "down-lora", "down-atomic-lora", "lora-bwd-dA", "lora-bwd-dx"} <= roles
         assert {r["cdtype"] for r in results if r["is_gemm"]} == {"bf16", "fp16", "fp32"}
         assert {"linear-wq-T1-fp32-dx", "linear-wq-T256-bf16-dx", "attn-decode-S8192-fp32cache-fp32",
                 "attn-decode-S8192-fp16cache-bf16", "attn-decode-T8-S8192-bf16cache-bf16",

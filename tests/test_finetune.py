@@ -100,6 +100,18 @@ def test_router_losses_are_logged_and_balanced_routing_scores_k(converted, corpu
     assert router_z_loss([(torch.zeros(N, E), probs, topk)]) == pytest.approx(torch.log(torch.tensor(8.0)).item() ** 2)
 
 
+def test_a_batch_without_targets_gives_zero_loss_not_nan():
+    from grok_torch.finetune.losses import lm_loss
+
+    logits = torch.randn(2, 3, 10, requires_grad=True)
+    loss = lm_loss(logits, torch.full((2, 3), -100))
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    labels = torch.tensor([[1, -100, 2], [3, 4, -100]])
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(lm_loss(logits, labels), want)
+
+
 def test_gradient_checkpointing_changes_nothing(converted, corpus, tmp_path):
     finetune(cfg(converted, corpus, tmp_path / "a", max_steps=2, lora_dropout=0.1))
     finetune(cfg(converted, corpus, tmp_path / "b", max_steps=2, lora_dropout=0.1, gradient_checkpointing=True))

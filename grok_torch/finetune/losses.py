@@ -24,9 +24,14 @@ IGNORE_INDEX = -100
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 over positions whose label is not IGNORE_INDEX."""
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(logits.device),
-                                             ignore_index=IGNORE_INDEX)
+    """Mean next-token cross-entropy in fp32 over positions whose label is not IGNORE_INDEX.
+
+    A batch without any such position (a row of prompt only) gives 0 with zero gradients, not NaN.
+    """
+    flat = labels.flatten().to(logits.device)
+    count = (flat != IGNORE_INDEX).sum().clamp_min(1)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX,
+                                             reduction="sum") / count
 
 
 Stats = List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

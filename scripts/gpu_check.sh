@@ -34,7 +34,8 @@ for pkg in kernels convert; do [ -e "grok_torch/$pkg" ] || ln -s "../$pkg" "grok
 
 status=0
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_triton.py tests/test_flash_attention.py \
-  tests/test_int8_linear.py tests/test_model_parity.py tests/test_decode.py tests/test_parallel.py -k gpu 2>&1 \
+  tests/test_int8_linear.py tests/test_kernels_lora.py tests/test_model_parity.py tests/test_decode.py tests/test_parallel.py \
+  -k gpu 2>&1 \
   | tee "$out/gpu_tests.log" || status=1
 python3 benchmarks/bench_moe.py --csv "$out/bench_moe.csv" --md "$out/bench_moe.md" 2>&1 | tee "$out/bench_moe.log" || status=1
 python3 benchmarks/bench_generate.py 2>&1 | tee "$out/bench_generate.log" || status=1

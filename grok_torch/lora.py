@@ -14,11 +14,17 @@ Targets:
              (``grok_torch.kernels.ExpertLoRA``). No ``W + A B`` is ever formed.
   "router":  the [D, E] router; its delta is tiny and is added to the router weight (no dropout).
 Adapters are fp32 parameters on their matrix's device; the base stays frozen in its dtype.
+Experts split over devices: by experts, each shard holds its experts' adapters; by the hidden dim
+(``device_map="ffn"``), each shard holds w1/w3's ``B[:, :, F_j]`` and w2's ``A[:, F_j]`` plus a copy of
+w1/w3's ``A`` and w2's ``B``: call ``sync_replicated_grads(model)`` after backward (the copies' gradients
+summed, so they stay identical; count ``replicated_copies`` once in a gradient norm). With dropout, each
+shard draws its own masks. Not with the hidden dim split across processes.
 
 Saved layout (PEFT's ``save_pretrained`` names: ``base_model.model.<module>.lora_A.weight`` /
 ``lora_B.weight``, i.e. ``A^T [r, in]`` and ``B^T [out, r]``). A stacked expert matrix is stored the way
 PEFT's ``target_parameters`` wrapper lays out ``(E, in, out)`` parameters: ``lora_A.weight [E*r, in]``
-(expert e's rows ``e*r ... e*r + r - 1``) and ``lora_B.weight [out, E*r]`` (its columns). Beside
+(expert e's rows ``e*r ... e*r + r - 1``) and ``lora_B.weight [out, E*r]`` (its columns), whatever the
+placement (shards' adapters are concatenated along E or F; replicated ones saved once). Beside
 ``adapter_config.json`` (read by ``peft.PeftConfig.from_pretrained``) ``grok_adapter.json`` records the
 base model's architecture, so an adapter is refused on a model it was not trained for.
 """
@@ -36,7 +42,8 @@ import torch
 from torch import nn
 
 __all__ = ["LoRAConfig", "LoRA", "TARGETS", "add_lora", "lora_modules", "lora_state_dict", "save_adapter",
-           "load_adapter", "load_adapter_weights", "read_adapter_config", "is_main_process"]
+           "load_adapter", "load_adapter_weights", "read_adapter_config", "is_main_process", "replicated_copies",
+           "sync_replicated_grads"]
 
 TARGETS = {"attn": ("wq", "wk", "wv", "wo"), "experts": ("w1", "w3", "w2"), "router": ("router",)}
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, GROK_ADAPTER = "adapter_config.json", "adapter_model.safetensors", "grok_adapter.json"
@@ -81,6 +88,16 @@ class LoRA(nn.Module):
         self.B = nn.Parameter(torch.zeros(*lead, rank, fan_out, device=device))
         self.rank, self.scale, self.p = rank, alpha / rank, dropout
 
+    @classmethod
+    def wrap(cls, A: torch.Tensor, B: torch.Tensor, alpha: float, dropout: float = 0.0) -> "LoRA":
+        """An adapter holding these A, B (no draw: the RNG does not move)."""
+        lo = cls.__new__(cls)
+        nn.Module.__init__(lo)
+        lo.A, lo.B = nn.Parameter(A), nn.Parameter(B)
+        lo.rank = A.shape[-1]
+        lo.scale, lo.p = alpha / lo.rank, dropout
+        return lo
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> fp32 [..., out] (2-D adapters; stacked ones go through kernels.ExpertLoRA)."""
         x = nn.functional.dropout(x.float(), self.p, self.training) if self.p else x.float()
@@ -91,50 +108,93 @@ class LoRA(nn.Module):
         return self.A @ self.B * self.scale
 
 
-def _targets(model) -> Iterator[Tuple[str, str, List[nn.Module]]]:
-    """(target kind, canonical name, modules holding the matrix) for every matrix LoRA can adapt.
+def _expert_holders(moe) -> Tuple[Optional[list], bool]:
+    """(the modules holding ``moe``'s experts, in layout order, or None if LoRA cannot adapt them; ffn split?)."""
+    if hasattr(moe, "w1"):
+        return [moe], False
+    if not hasattr(moe, "shards"):
+        return None, False
+    if moe.split == "experts":
+        return sorted(moe.shards, key=lambda shard: shard.spec.expert_start), False
+    if hasattr(moe, "world"):  # the hidden dim split across processes: not available
+        return None, True
+    return sorted(moe.shards, key=lambda shard: shard.spec.f_start), True
 
-    One holder, except the experts of a ``ShardedMoE`` split by experts (``device_map="experts"`` or an
-    accelerate map): its shards in expert order, whose adapters are saved concatenated along E, so an
-    adapter does not depend on the placement it was trained with. An ``ExpertParallelMoE`` (experts
-    split across processes) yields this rank's one shard: experts [r*E/W, (r+1)*E/W) (see ``_ep``).
+
+def _targets(model) -> Iterator[Tuple[str, str, List[nn.Module], bool]]:
+    """(target kind, canonical name, modules holding the matrix, F split?) for every matrix LoRA can adapt.
+
+    One holder, except the experts of a ``ShardedMoE``: its shards in layout order. Split by experts
+    (``device_map="experts"`` or an accelerate map) their adapters are saved concatenated along E; split
+    by the hidden dim (``device_map="ffn"``, the flag True) along F (see ``_FFN``). Either way an adapter
+    does not depend on the placement it was trained with. An ``ExpertParallelMoE`` (experts split across
+    processes) yields this rank's one shard: experts [r*E/W, (r+1)*E/W) (see ``_ep``).
     """
     for i, layer in enumerate(model.layers):
         for name in TARGETS["attn"]:
-            yield "attn", f"layers.{i}.attn.{name}", [getattr(layer.attn, name)]
-        moe = layer.moe
-        holders = None
-        if hasattr(moe, "w1"):
-            holders = [moe]
-        elif hasattr(moe, "shards") and moe.split == "experts":
-            holders = sorted(moe.shards, key=lambda shard: shard.spec.expert_start)
+            yield "attn", f"layers.{i}.attn.{name}", [getattr(layer.attn, name)], False
+        holders, ffn = _expert_holders(layer.moe)
         if holders is not None:
             for name in TARGETS["experts"]:
-                yield "experts", f"layers.{i}.moe.{name}", [getattr(h, name) for h in holders]
-        yield "router", f"layers.{i}.moe.router", [moe.router]
+                yield "experts", f"layers.{i}.moe.{name}", [getattr(h, name) for h in holders], ffn
+        yield "router", f"layers.{i}.moe.router", [layer.moe.router], False
+
+
+# The F split (device_map="ffn"): shard j holds hidden columns F_j of every expert. w1 / w3 (x @ A @ B,
+# B [E, r, F]): A is replicated on every shard, B's columns F_j are the shard's. w2 (a @ A @ B, A [E, F, r]):
+# A's rows F_j are the shard's, B is replicated; each shard adds (a_j @ A[F_j]) @ B to its partial and the
+# partials are summed, so the total is (a @ A) @ B. Per matrix: (replicated tensor, split tensor, its F dim).
+_FFN = {"w1": ("A", "B", 2), "w3": ("A", "B", 2), "w2": ("B", "A", 1)}
+
+
+def _ffn_roles(name: str) -> Tuple[str, str, int]:
+    return _FFN[name.rsplit(".", 1)[1]]
+
+
+def _ffn_pieces(name: str, A: torch.Tensor, B: torch.Tensor, holders) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Each F shard's (A, B) of the canonical [E, in, r] / [E, r, out] pair, on the shard's device."""
+    rep, part, dim = _ffn_roles(name)
+    full = {"A": A, "B": B}
+    sizes = [h.weight.shape[dim] for h in holders]  # w1/w3 [E, D, F_j], w2 [E, F_j, D]
+    for h, piece in zip(holders, full[part].split(sizes, dim=dim)):
+        dev = h.weight.device
+        got = {rep: full[rep].detach().to(dev).clone(), part: piece.detach().to(dev).clone()}
+        yield got["A"], got["B"]
 
 
 def add_lora(model, config: LoRAConfig) -> List[nn.Parameter]:
     """Attach fresh adapters (B = 0) to ``config.targets``; returns the new trainable parameters.
 
     The base stays frozen (``requires_grad=False``). Experts can be adapted on one device, with the
-    experts split over devices (``device_map`` "experts" or accelerate's maps) and across processes
+    experts split over devices (``device_map`` "experts" or accelerate's maps), with their hidden dim
+    split over devices (``device_map="ffn"``: the one-device draw, sliced along F / replicated per shard,
+    see ``_FFN``; the replicated copies are kept equal by ``sync_replicated_grads``) and across processes
     (``expert_parallel=True``: each rank holds its experts' adapters, initialised as the slice of the
     one-process [E, in, r] draw, so every rank's replicated adapters and the run match one process);
-    not with every expert's hidden dim split ("ffn").
+    not with the hidden dim split across processes (``expert_parallel`` with "ffn").
     """
     if model.lora_config is not None:
         raise ValueError("the model already has LoRA adapters (load the base model again to start over)")
-    if "experts" in config.targets and not all(hasattr(layer.moe, "w1") or getattr(layer.moe, "split", None) ==
-                                               "experts" for layer in model.layers):
+    if "experts" in config.targets and not all(_expert_holders(layer.moe)[0] is not None for layer in model.layers):
         kind = type(model.layers[0].moe).__name__
         split = getattr(model.layers[0].moe, "split", "across processes")
-        raise NotImplementedError(f"LoRA on experts is not available with the experts' hidden dim split ({kind}, "
-                                  f"{split}): use device_map='experts' or an accelerate map, or --lora-targets attn")
+        raise NotImplementedError(f"LoRA on experts is not available with the experts' hidden dim split across "
+                                  f"processes ({kind}, {split}): use expert parallelism by experts, "
+                                  f"device_map='ffn' in one process, or --lora-targets attn")
     params = []
     ep = _ep(model)
-    for kind, _, holders in _targets(model):
+    for kind, name, holders, ffn in _targets(model):
         if kind in config.targets:
+            if ffn:  # one draw of the whole [E, in, r] A (as on one device), split / replicated over the shards
+                w = holders[0].weight
+                dim = _ffn_roles(name)[2]
+                shape = list(w.shape)
+                shape[dim] = sum(h.weight.shape[dim] for h in holders)
+                full = LoRA(shape, config.rank, config.alpha, config.dropout, device=w.device)
+                for module, (a, b) in zip(holders, _ffn_pieces(name, full.A, full.B, holders)):
+                    module.lora = LoRA.wrap(a, b, config.alpha, config.dropout)
+                    params += [module.lora.A, module.lora.B]
+                continue
             for module in holders:
                 w = module.weight
                 if kind == "experts" and ep is not None:  # draw all E experts' A (the RNG moves alike on every rank)
@@ -158,11 +218,35 @@ def lora_modules(model) -> Dict[str, LoRA]:
     return {f"{path}.lora": m for path, m in model.named_modules() if isinstance(m, LoRA)}
 
 
-def _adapted(model) -> Iterator[Tuple[str, List[LoRA]]]:
-    for _, name, holders in _targets(model):
+def _adapted(model) -> Iterator[Tuple[str, List[LoRA], bool]]:
+    for _, name, holders, ffn in _targets(model):
         loras = [getattr(h, "lora", None) for h in holders]
         if loras[0] is not None:
-            yield name, loras
+            yield name, loras, ffn
+
+
+def replicated_copies(model) -> List[List[nn.Parameter]]:
+    """The adapter tensors held in several copies (``device_map="ffn"``: each expert matrix's replicated
+    A or B, one copy per shard, in shard order); empty for every other placement."""
+    return [[getattr(lo, _ffn_roles(name)[0]) for lo in loras] for name, loras, ffn in _adapted(model) if ffn]
+
+
+@torch.no_grad()
+def sync_replicated_grads(model) -> None:
+    """After backward: every copy of a replicated adapter gets the sum of the copies' gradients (shard order,
+    summed on the first copy's device; a missing gradient counts as zeros), so the copies' gradient is the
+    one-device gradient and an optimizer step keeps them identical. No-op without replicated adapters."""
+    for copies in replicated_copies(model):
+        grads = [p.grad for p in copies]
+        if all(g is None for g in grads):
+            continue
+        dev = copies[0].device
+        total = None
+        for g in grads:
+            if g is not None:
+                total = g.to(dev) if total is None else total + g.to(dev)
+        for p in copies:
+            p.grad = total.to(p.device, copy=True)
 
 
 class _EP:
@@ -201,9 +285,16 @@ def lora_state_dict(model) -> Dict[str, torch.Tensor]:
     Expert parallelism: a collective (every rank must call it): the experts' adapters of all ranks are
     gathered (fp32, rank order = expert order), so every rank returns the one-process layout."""
     out, ep = {}, _ep(model)
-    for name, loras in _adapted(model):
-        A = torch.cat([lo.A.detach().cpu() for lo in loras]) if len(loras) > 1 else loras[0].A.detach().cpu()
-        B = torch.cat([lo.B.detach().cpu() for lo in loras]) if len(loras) > 1 else loras[0].B.detach().cpu()
+    for name, loras, ffn in _adapted(model):
+        if ffn:  # the replicated tensor from the first shard, the split one concatenated along F
+            rep, part, dim = _ffn_roles(name)
+            got = {rep: getattr(loras[0], rep).detach().cpu(),
+                   part: torch.cat([getattr(lo, part).detach().cpu() for lo in loras], dim=dim)}
+            A, B = got["A"], got["B"]
+        elif len(loras) > 1:
+            A, B = (torch.cat([getattr(lo, w).detach().cpu() for lo in loras]) for w in "AB")
+        else:
+            A, B = loras[0].A.detach().cpu(), loras[0].B.detach().cpu()
         if A.dim() == 3 and ep is not None:
             dev = loras[0].A.device  # NCCL gathers CUDA tensors
             A, B = (ep.gather(torch.cat([getattr(lo, w).detach() for lo in loras]).to(dev)).cpu() for w in "AB")
@@ -291,18 +382,21 @@ def load_adapter_weights(model, adapter_dir) -> None:
     Expert parallelism: each rank reads the file and keeps its experts' slice (no collective)."""
     from safetensors.torch import load_file
 
-    want = {f"{PREFIX}{name}.lora_{w}.weight" for name, _ in _adapted(model) for w in "AB"}
+    want = {f"{PREFIX}{name}.lora_{w}.weight" for name, _, _ in _adapted(model) for w in "AB"}
     got = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
         raise ValueError(f"adapter {adapter_dir}: tensors do not match its config (missing {missing[:2]}, "
                          f"unexpected {extra[:2]})")
     ep = _ep(model)
-    for name, loras in _adapted(model):
+    for name, loras, ffn in _adapted(model):
         a, b = got[f"{PREFIX}{name}.lora_A.weight"], got[f"{PREFIX}{name}.lora_B.weight"]
         if loras[0].A.dim() == 3:
-            E = sum(lo.A.shape[0] for lo in loras) if ep is None else ep.num_experts
+            E = sum(lo.A.shape[0] for lo in loras) if ep is None and not ffn else \
+                loras[0].A.shape[0] if ffn else ep.num_experts
             fin, r = loras[0].A.shape[1:]
+            if ffn and _ffn_roles(name)[1] == "A":  # w2: in = F, split over the shards
+                fin = sum(lo.A.shape[1] for lo in loras)
             if a.numel() != E * r * fin:
                 raise ValueError(f"adapter {adapter_dir}: {name}.lora_A has shape {tuple(a.shape)}, expected "
                                  f"({E * r}, {fin})")
@@ -310,8 +404,19 @@ def load_adapter_weights(model, adapter_dir) -> None:
             if ep is not None:  # this rank's experts
                 n = loras[0].A.shape[0]
                 a, b = (t[ep.rank * n:(ep.rank + 1) * n] for t in (a, b))
-            sizes = [lo.A.shape[0] for lo in loras]
-            pieces = zip(loras, a.split(sizes), b.split(sizes))
+            if ffn:
+                rep, part, dim = _ffn_roles(name)
+                full = {"A": a, "B": b}
+                sizes = [getattr(lo, part).shape[dim] for lo in loras]
+                if full[part].shape[dim] != sum(sizes):
+                    raise ValueError(f"adapter {adapter_dir}: {name}.lora_{part} has shape "
+                                     f"{tuple(got[f'{PREFIX}{name}.lora_{part}.weight'].shape)}, which does not "
+                                     f"hold the {sum(sizes)} hidden columns")
+                pieces = [(lo, *((full[rep], p) if rep == "A" else (p, full[rep])))
+                          for lo, p in zip(loras, full[part].split(sizes, dim=dim))]
+            else:
+                sizes = [lo.A.shape[0] for lo in loras]
+                pieces = zip(loras, a.split(sizes), b.split(sizes))
         else:
             pieces = [(loras[0], a.T, b.T)]
         for lora, pa, pb in pieces:

@@ -169,3 +169,30 @@ def test_cli_merge(converted, corpus, tmp_path, capsys):
     assert main(argv) == 2  # OUT exists now
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("grok-finetune merge:") and "overwrite" in err[0]
+
+
+def test_device_map_ffn_follows_the_one_device_run(converted, corpus, tmp_path, monkeypatch):
+    """--device-map ffn (2 cpu devices standing in for GPUs): the replicated expert adapters stay
+    bit-identical copies and the loss curve follows the one-device run (fp32 reassociation, lr 1e-3)."""
+    from grok_torch import Grok
+    from grok_torch.lora import replicated_copies
+
+    real, models = Grok.from_pretrained, []
+
+    def on_two_cpus(*a, **kw):
+        if kw.get("device_map") == "ffn":
+            kw["devices"] = ["cpu"] * 2
+        models.append(real(*a, **kw))
+        return models[-1]
+
+    monkeypatch.setattr(Grok, "from_pretrained", on_two_cpus)
+    kw = dict(lr=1e-3, max_steps=3, lora_targets=("attn", "experts", "router"), max_grad_norm=0.5)
+    finetune(cfg(converted, corpus, tmp_path / "one", **kw))
+    finetune(cfg(converted, corpus, tmp_path / "ffn", device_map="ffn", **kw))
+    one, ffn = losses(tmp_path / "one"), losses(tmp_path / "ffn")
+    assert max(abs(a - b) / a for a, b in zip(one, ffn)) < 1e-5, (one, ffn)
+    norms = [[r["grad_norm"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+              if "grad_norm" in r] for d in ("one", "ffn")]
+    assert min(norms[0]) > 0.5 and max(abs(a - b) / a for a, b in zip(*norms)) < 1e-5, norms  # clipped; copies once
+    groups = replicated_copies(models[1])
+    assert groups and all(torch.equal(p, g[0]) for g in groups for p in g[1:])

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gradient-checkpointing", action="store_true", help="recompute each layer in backward (less memory)")
     a("--dtype", choices=("bf16", "fp32"), default="bf16", help="activation dtype (default bf16, as released)")
     a("--device", help="one torch device (default cpu)")
-    a("--device-map", choices=("experts", "auto", "balanced", "sequential"),
+    a("--device-map", choices=("experts", "ffn", "auto", "balanced", "sequential"),
       help="spread the model over this process's GPUs: experts (each GPU a range of every layer's experts) or "
            "accelerate's planners; each expert's adapters live with it")
     a("--impl", choices=("auto", "torch", "triton"), default="auto", help="kernels (default: triton on CUDA)")

@@ -69,7 +69,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from grok_torch.finetune.losses import load_balancing_loss, lm_loss, router_z_loss
-from grok_torch.lora import TARGETS, LoRAConfig, add_lora, load_adapter_weights, save_adapter
+from grok_torch.lora import (TARGETS, LoRAConfig, add_lora, load_adapter_weights, replicated_copies, save_adapter,
+                             sync_replicated_grads)
 
 __all__ = ["TrainConfig", "finetune", "latest_checkpoint"]
 
@@ -475,12 +476,20 @@ def finetune(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
-def _clip_grad_norm(params, max_norm: float, local: set, ranks: _Ranks) -> float:
+def _clip_grad_norm(params, max_norm: float, local: set, ranks: _Ranks, copies=()) -> float:
     """``clip_grad_norm_`` over the whole model: with several processes the squares of the experts'
     gradients (ids in ``local``, held by one rank each) are summed over ranks in rank order, the
-    replicated ones (the same on every rank) counted once: every rank gets the same norm."""
+    replicated ones (the same on every rank) counted once: every rank gets the same norm. ``copies``:
+    groups of in-process copies of one tensor (``device_map="ffn"``, gradients already synced): the first
+    counts, the others get its clipped gradient (they stay bit-identical)."""
     if ranks.world == 1:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        extra = {id(p) for group in copies for p in group[1:]}
+        norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if id(p) not in extra], max_norm))
+        for group in copies:
+            for p in group[1:]:
+                if group[0].grad is not None:
+                    p.grad.copy_(group[0].grad)
+        return norm
     grads = [p.grad for p in params if p.grad is not None]
     zero = torch.zeros((), device=grads[0].device)
 
@@ -576,6 +585,7 @@ def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
     if ranks.main:
         (out / "data_stats.txt").write_text(str(stats) + "\n")
     local = {id(p) for n, p in model.named_parameters() if ".moe.shards." in n} if ranks.world > 1 else set()
+    copies = replicated_copies(model)
 
     from tqdm.auto import tqdm
 
@@ -612,7 +622,8 @@ def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
             (loss / cfg.grad_accum).backward()
         if dp:
             _sum_replicated_grads(params, local, ranks)
-        grad_norm = _clip_grad_norm(params, cfg.max_grad_norm, local, ranks)
+        sync_replicated_grads(model)  # device_map="ffn": each replicated adapter's copies get their sum
+        grad_norm = _clip_grad_norm(params, cfg.max_grad_norm, local, ranks, copies)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()

@@ -265,7 +265,7 @@ def test_training_with_the_experts_hidden_dim_split_follows_one_device(fresh, co
                 assert all(torch.equal(p.grad, copies[0].grad) for p in copies[1:])
             opt.step()
             opt.zero_grad(set_to_none=True)
-            curve.append(float(loss))
+            curve.append(float(loss.detach()))
             for copies in replicated_copies(model):
                 assert all(torch.equal(p, copies[0]) for p in copies[1:])
         runs.append((curve, lora_state_dict(model)))

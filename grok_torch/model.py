@@ -320,7 +320,8 @@ class Grok(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                 expert_ids: Optional[torch.Tensor] = None, *, logits_to_keep: Union[int, torch.Tensor] = 0,
-                static_shapes: bool = False, router_stats: Optional[list] = None) -> torch.Tensor:
+                static_shapes: bool = False, router_stats: Optional[list] = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """tokens [B, T] int -> logits [B, T, V] (activation dtype).
 
         cache: decode/prefill through a KVCache; tokens are written at ``cache.pos`` and it advances by T.
@@ -336,6 +337,8 @@ class Grok(nn.Module):
             Same values as the default path up to fp32 summation order.
         router_stats: a list that receives each layer's (router logits, probs, top-k ids), for the
             load-balancing and z losses of fine-tuning.
+        return_hidden: return the final norm's fp32 output [B, T, D] instead of the logits (``head``
+            applies the LM head; fine-tuning computes its loss a chunk of positions at a time).
 
         With ``model.gradient_checkpointing = True`` and autograd recording, each layer's activations
         are recomputed in backward instead of kept (``torch.utils.checkpoint``, RNG state preserved,
@@ -370,7 +373,8 @@ class Grok(nn.Module):
                 h = layer(h, pos_BT, key_valid, cache, i, ids, causal_offset, router_stats)
         if cache is not None:
             cache.pos += T
-        return self.head(self.norm(keep_positions(h, logits_to_keep)))
+        h = self.norm(keep_positions(h, logits_to_keep))
+        return h if return_hidden else self.head(h)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Tied LM head on the fp32 final-norm output: ``(x @ E^T) * output_multiplier``, returned in the activation dtype."""

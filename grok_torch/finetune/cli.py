@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="load-balancing loss weight (Switch/Mixtral; default 0 = off, as the official code)")
     a("--z-loss-weight", type=float, default=0.0, metavar="W", help="router z-loss weight (default 0 = off)")
     a("--gradient-checkpointing", action="store_true", help="recompute each layer in backward (less memory)")
+    a("--loss-chunk", type=int, default=1024, metavar="N",
+      help="positions per LM-head chunk of the loss; longer rows recompute the chunk's logits in backward "
+           "instead of keeping [batch, seq, vocab] fp32 logits (default 1024)")
     a("--dtype", choices=("bf16", "fp32"), default="bf16", help="activation dtype (default bf16, as released)")
     a("--device", help="one torch device (default cpu)")
     a("--device-map", choices=("experts", "ffn", "auto", "balanced", "sequential"),
@@ -113,7 +116,7 @@ def _train(argv: List[str]) -> int:
         z_loss_weight=args.z_loss_weight, gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,
         device=args.device, device_map=args.device_map, impl=args.impl, tokenizer=args.tokenizer,
         data_format=args.data_format, csv=args.csv, tensorboard=args.tensorboard, dist_timeout=args.dist_timeout,
-        data_parallel=not args.no_data_parallel,
+        data_parallel=not args.no_data_parallel, loss_chunk=args.loss_chunk,
         progress=not args.no_progress)
     res = finetune(cfg)
     ev = res["eval"]

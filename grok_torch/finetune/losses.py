@@ -1,6 +1,7 @@
 """Losses of fine-tuning: next-token cross-entropy and the two optional router losses.
 
     lm_loss(logits [B, T, V], labels [B, T])       mean over labels != -100 (fp32)
+    lm_loss_sum(head, hidden [B, T, D], labels)    the same as a sum, the head applied a chunk at a time
     load_balancing_loss(router_stats, valid)       Switch / Mixtral: E * sum_e f_e * P_e, mean over layers
     router_z_loss(router_stats, valid)             ST-MoE: mean over tokens of logsumexp(router logits)^2
 
@@ -18,7 +19,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["lm_loss", "load_balancing_loss", "router_z_loss", "IGNORE_INDEX"]
+__all__ = ["lm_loss", "lm_loss_sum", "load_balancing_loss", "router_z_loss", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -32,6 +33,35 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     count = (flat != IGNORE_INDEX).sum().clamp_min(1)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX,
                                              reduction="sum") / count
+
+
+def _ce_sum(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden).flatten(0, 1).float(), labels.flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def lm_loss_sum(head, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Sum over target tokens of the cross-entropy of ``head(hidden)``, ``chunk`` positions at a time.
+
+    Grok-1's logits are [B, T, 131072] (2 GB in fp32 per 4k row, and the cast makes another): with
+    autograd recording and T > chunk, each chunk's logits are recomputed in backward
+    (``torch.utils.checkpoint``), so one chunk's logits exist at a time. T <= chunk is one plain
+    cross-entropy, the same computation as ``lm_loss`` (times the token count).
+    """
+    labels = labels.to(hidden.device)
+    T = hidden.shape[1]
+    if T <= chunk:
+        return _ce_sum(head, hidden, labels)
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for t0 in range(0, T, chunk):
+        h, lab = hidden[:, t0:t0 + chunk], labels[:, t0:t0 + chunk]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            total = total + checkpoint(_ce_sum, head, h, lab, use_reentrant=False)
+        else:
+            total = total + _ce_sum(head, h, lab)
+    return total
 
 
 Stats = List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

@@ -68,7 +68,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from grok_torch.finetune.losses import load_balancing_loss, lm_loss, router_z_loss
+from grok_torch.finetune.losses import IGNORE_INDEX, load_balancing_loss, lm_loss, lm_loss_sum, router_z_loss
 from grok_torch.lora import (TARGETS, LoRAConfig, add_lora, load_adapter_weights, replicated_copies, save_adapter,
                              sync_replicated_grads)
 
@@ -122,6 +122,7 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     dist_timeout: float = 1800.0  # seconds a collective may wait for a peer (several processes only)
+    loss_chunk: int = 1024           # positions per LM-head chunk of the loss (logits recomputed in backward)
     data_parallel: bool = True    # several processes: each rank its slice of the global batch (False: same tokens)
 
     def __post_init__(self):
@@ -138,6 +139,7 @@ class TrainConfig:
              "--eval-every and --save-every must be >= 0, --log-every >= 1"),
             (self.aux_loss_weight >= 0 and self.z_loss_weight >= 0, "--aux-loss-weight / --z-loss-weight must be >= 0"),
             (self.max_grad_norm > 0, "--max-grad-norm must be > 0"),
+            (self.loss_chunk >= 1, "--loss-chunk must be >= 1"),
             (self.dtype in ("bf16", "fp32"), "--dtype must be bf16 or fp32"),
             (not (self.resume and self.overwrite), "--resume continues OUT, --overwrite starts OUT over: pass one"),
             (bool(self.data), "--data: give at least one file"),
@@ -432,6 +434,7 @@ def _restore(ckpt: Path, model, cfg, opt, sched, data) -> int:
     if ranks.rank:
         state = torch.load(ckpt / _state_file(ranks.rank), weights_only=True)
     saved = json.loads(state["config"])
+    saved.setdefault("loss_chunk", cfg.loss_chunk)  # older checkpoints (T <= chunk: the same computation)
     saved.setdefault("data_parallel", cfg.data_parallel if ranks.world == 1 else False)  # older checkpoints
     changed = [k for k in sorted(set(saved) | set(cfg.fingerprint())) if saved.get(k) != cfg.fingerprint().get(k)]
     if changed:
@@ -526,20 +529,18 @@ def _sum_replicated_grads(params, local: set, ranks: _Ranks) -> None:
         i += n
 
 
-def _dp_losses(logits, labels, router_stats, valid, ranks: _Ranks):
+def _dp_losses(ce_sum, labels, router_stats, valid, ranks: _Ranks):
     """This rank's parts of the global batch's losses (data parallelism): summed over ranks they are the
     one-process losses of the global batch (lm: the mean over ALL ranks' target tokens; load balancing:
     f counted over all ranks' tokens, P's sum divided by the global token count; z-loss: the global mean).
+    ``ce_sum``: this rank's summed token cross-entropy (``lm_loss_sum``).
     Returns (lm, aux, z) (aux, z: None without router_stats)."""
-    from grok_torch.finetune.losses import IGNORE_INDEX
-
-    flat = labels.flatten().to(logits.device)
+    flat = labels.flatten().to(ce_sum.device)
     count = ranks.sum((flat != IGNORE_INDEX).sum().reshape(1)).clamp_min(1)   # exact: integers
-    lm = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX,
-                                           reduction="sum") / count[0]
+    lm = ce_sum / count[0]
     if router_stats is None:
         return lm, None, None
-    w = valid.to(logits.device, torch.float32)
+    w = valid.to(ce_sum.device, torch.float32)
     routed = [(torch.nn.functional.one_hot(k, p.shape[-1]).to(p.dtype) * w.view(-1, 1, 1).to(p.dtype)).sum(0)
               for _, p, k in router_stats]                                       # [k, E] counts per layer
     counts = ranks.sum(torch.cat([torch.stack(routed).float().reshape(-1), w.sum().reshape(1)]))
@@ -600,20 +601,21 @@ def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
             batch = train.next_batch()
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             router_stats = [] if want_stats else None
-            logits = model(ids, router_stats=router_stats)
+            hidden = model(ids, router_stats=router_stats, return_hidden=True)
+            ce_sum = lm_loss_sum(model.head, hidden, labels, cfg.loss_chunk)
             valid = (ids != mcfg.pad_token_id).flatten()
             if dp:  # this rank's parts of the global batch's losses (their sums over ranks are logged)
-                loss, aux, z = _dp_losses(logits, labels, router_stats, valid, ranks)
+                loss, aux, z = _dp_losses(ce_sum, labels, router_stats, valid, ranks)
                 report = [x.detach().reshape(1) for x in (loss, aux, z) if x is not None]
                 report = [float(v) for v in ranks.sum(torch.cat(report).float())]
                 tokens += ids.numel() * ranks.world
             else:
-                loss = lm_loss(logits, labels)
+                loss = ce_sum / (labels != IGNORE_INDEX).sum().clamp_min(1).to(ce_sum.device)
                 aux, z = (load_balancing_loss(router_stats, valid), router_z_loss(router_stats, valid)) \
                     if want_stats else (None, None)
                 report = [float(x.detach()) for x in (loss, aux, z) if x is not None]
                 tokens += ids.numel()
-            del logits
+            del hidden
             parts["lm_loss"] += report[0] / cfg.grad_accum
             if want_stats:
                 loss = loss + cfg.aux_loss_weight * aux + cfg.z_loss_weight * z

@@ -37,8 +37,8 @@ GPU (only when torch.cuda.is_available()): every row with impl "triton" and impl
 reference). What runs where with impl "triton" while training (grok_torch as of this benchmark): the
 int8/float attention projections on the Triton GEMM (backward too); the attention core on the
 reference whenever autograd records (the flash kernel is forward-only); the MoE on Triton with its
-backward for the full row, but with expert LoRA adapters the whole MoE block (base and adapters)
-falls back to the reference (fused_moe takes no adapters on Triton yet). The output says so per row.
+backward, expert LoRA adapters included (only adapter dropout > 0 falls back to the reference, with a
+warning that the output reports per row).
 
 Grok-1 estimate (``grok1_lora_estimate``; printed with every run): per GPU of 8 x 80 GB, device_map
 "experts" (GPU j: layers 8j..8j+7 home, expert j of every layer): weights = grok_torch.plan's
@@ -46,7 +46,8 @@ Grok-1 estimate (``grok1_lora_estimate``; printed with every run): per GPU of 8 
 attn of the home layers + the held expert of every layer, counted from the shapes) in fp32, their
 gradients (fp32) and AdamW's two moments (fp32); activations at seq 4096, batch 1, with gradient
 checkpointing: the checkpointed residual [B, T, D] fp32 of each home layer + one layer's recomputed
-activations (below) + on GPU 0 the logits [T, V] fp32 twice (logits and the loss's softmax) + the
+activations (below) + on GPU 0 one loss chunk's logits [min(T, 1024), V] fp32 twice (logits and the
+loss's softmax: grok-finetune's --loss-chunk, default 1024, recomputes each chunk in backward) + the
 planner's 1.5 GiB reserve. One layer's recomputed activations are the tensors autograd saves in one
 layer's forward, counted with torch.autograd.graph.saved_tensors_hooks on a probe layer run here
 (Grok-1's attention shapes, d_model and ffn / 8, seq 2048, bf16, the reference kernels, LoRA on attn
@@ -75,12 +76,14 @@ import torch
 
 from grok_torch.config import GrokConfig
 from grok_torch.finetune.losses import lm_loss
+from grok_torch.finetune.train import TrainConfig
 from grok_torch.lora import TARGETS, LoRAConfig, add_lora
 from grok_torch.model import Grok, RMSNorm
 from grok_torch.moe import Router
 from grok_torch.plan import weight_bytes_per_device
 from grok_torch.weights import Weight
 
+LOSS_CHUNK = TrainConfig.loss_chunk  # grok-finetune's default --loss-chunk
 ROWS = ("forward int8", "LoRA", "LoRA + ckpt", "forward float", "full")
 SPEC = {  # weights, what is trained, gradient checkpointing
     "forward int8": ("int8", None, False),
@@ -431,7 +434,7 @@ def grok1_lora_estimate(gpus: int = 8, gpu_mem: float = 80e9, seq: int = 4096, b
             "AdamW moments 2 x fp32": adapters[j] * 8,
             f"checkpointed residuals ({home} layers x [B,T,D] fp32)": home * T * D * 4,
             "one layer recomputed": sum(layer.values()),
-            "logits [T,V] fp32 x 2": 2 * T * V * 4 if j == 0 else 0,
+            f"loss-chunk logits [{min(T, LOSS_CHUNK)},V] fp32 x 2": 2 * min(T, LOSS_CHUNK) * V * 4 if j == 0 else 0,
             "reserve (CUDA context, allocator)": reserve,
         }
         devices.append(dict(gpu=j, terms=terms, total=sum(terms.values())))

@@ -70,6 +70,6 @@ def test_grok1_estimate_arithmetic():
     for d in est["devices"]:
         assert d["terms"]["weights (int8 + scales, plan.py)"] == w[d["gpu"]]
         assert d["total"] == pytest.approx(sum(d["terms"].values()))
-    assert est["devices"][0]["terms"]["logits [T,V] fp32 x 2"] == 2 * 4096 * 131072 * 4
+    assert est["devices"][0]["terms"]["loss-chunk logits [1024,V] fp32 x 2"] == 2 * 1024 * 131072 * 4  # --loss-chunk
     assert est["verdict"].startswith("FITS" if est["fits"] else "DOES NOT FIT")
     assert bench.visited_tile_area(256, 48) == 256 * 256  # one query block, one key block

@@ -118,5 +118,6 @@ def test_refused_with_several_processes(converted, corpus, tmp_path):
     ranks = launch([[sys.executable, WORKER, tmp_path]] * 2, tmp_path, timeout=60,
                    env={r: {"SETTINGS": json.dumps(s), "PYTHONPATH": PYTHONPATH} for r in range(2)})
     assert all(r.rc == 1 for r in ranks)
-    assert "--lora-dropout with experts in --lora-targets is not available with several processes" in ranks[0].err
+    assert "--lora-dropout with experts in --lora-targets and --no-data-parallel is not available with several " \
+        "processes" in ranks[0].err
     assert not (tmp_path / "ep").exists()

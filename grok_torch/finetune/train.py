@@ -49,8 +49,8 @@ into the one-process layout, so the adapter is the same file whatever W was); ea
 its own optimizer / RNG state into the checkpoint (rank 0: trainer_state.pt, rank r:
 trainer_state-rank{r}.pt), and a checkpoint is renamed into place only once every rank has
 written its part (and counts for nobody before). Resuming needs the same W. Evaluation runs the
-whole eval split on every rank. Not available with several processes: ``full``, ``device_map``, LoRA
-dropout on experts; with data parallelism also the "all_reduce" exchange.
+whole eval split on every rank. Not available with several processes: ``full``, ``device_map``; LoRA
+dropout on experts without data parallelism; with data parallelism the "all_reduce" exchange.
 """
 from __future__ import annotations
 
@@ -557,7 +557,8 @@ def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
 
     if ranks.world > 1:
         bad = [(cfg.full, "--full"), (cfg.device_map, "--device-map"),
-               (cfg.lora_dropout > 0 and "experts" in cfg.lora_targets, "--lora-dropout with experts in --lora-targets")]
+               (cfg.lora_dropout > 0 and "experts" in cfg.lora_targets and not cfg.data_parallel,
+                "--lora-dropout with experts in --lora-targets and --no-data-parallel")]
         for on, flag in bad:
             if on:
                 raise ValueError(f"{flag} is not available with several processes (expert parallelism, WORLD_SIZE="

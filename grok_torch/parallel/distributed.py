@@ -65,8 +65,9 @@ adapters, attention and router, stay identical without an all-reduce of their gr
 rank's expert adapters get their gradients where they live). One node per block, so the
 collectives of backward run on every rank in the same order even where a rank's experts received
 no tokens. Not trainable: the "ffn" split (LoRA on experts is refused there anyway), LoRA dropout
-on experts (the masks would depend on which rank holds a row, so the ranks' RNG streams, and
-then their replicated adapters' dropout masks, would diverge), ``retain_graph``.
+on experts with replicated tokens (the masks would depend on which rank holds a row, so the ranks'
+RNG streams, and then their replicated adapters' dropout masks, would diverge; with local tokens,
+below, each rank's masks are its own and that is fine), ``retain_graph``.
 
 Data parallelism (``set_tokens(model, "local")``; ``grok-finetune`` under torchrun does this). Each
 rank runs the model on its OWN tokens (its slice of the global batch): attention, router and
@@ -257,8 +258,10 @@ class ExpertParallelMoE(RoutedMoE):
             return out.to(self.dtype), probs, ids
         if torch.is_grad_enabled() and (x_TD.requires_grad or gates.requires_grad or params):
             lora = getattr(self.shards[0].w1, "lora", None)
-            if self.training and lora is not None and lora.p:
-                raise NotImplementedError("LoRA dropout on experts is not available with expert parallelism (the "
+            # with replicated tokens the ranks must draw the same masks everywhere else, which the experts'
+            # rank-local draws would break; with local tokens (data parallelism) each rank's masks are its own
+            if self.training and lora is not None and lora.p and self.tokens != "local":
+                raise NotImplementedError("LoRA dropout on experts needs data parallelism under expert parallelism (the "
                                           "ranks' RNG streams would diverge): use --lora-dropout 0 or leave "
                                           "experts out of the targets")
             out = _Exchange.apply(self, x_TD, gates, ids, *params)

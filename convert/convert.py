@@ -334,24 +334,15 @@ def _write_shard(out: Path, shard: Shard, refs: Dict[int, TensorRef], chunk_byte
                  progress: Callable[[int], None], stop: threading.Event) -> dict:
     final = out / shard.file
     tmp = out / (shard.file + ".partial")
-    h = hashlib.sha256()
+    def pieces(t):
+        for piece in tensor_chunks(t, refs[t.source_index], chunk_bytes):
+            if stop.is_set():
+                raise ConvertError("stopped")
+            yield piece
+
     try:
         with open(tmp, "wb") as f:
-            header = shard.header()
-            f.write(header)
-            h.update(header)
-            progress(len(header))
-            for t in shard.tensors:
-                written = 0
-                for piece in tensor_chunks(t, refs[t.source_index], chunk_bytes):
-                    if stop.is_set():
-                        raise ConvertError("stopped")
-                    f.write(piece)
-                    h.update(piece)
-                    written += len(piece)
-                    progress(len(piece))
-                if written != t.nbytes:
-                    raise ConvertError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
+            digest = shard.write(f, pieces, progress, ConvertError)
         os.replace(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -362,7 +353,7 @@ def _write_shard(out: Path, shard: Shard, refs: Dict[int, TensorRef], chunk_byte
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"file": shard.file, "size": final.stat().st_size, "sha256": h.hexdigest()}
+    return {"file": shard.file, "size": final.stat().st_size, "sha256": digest}
 
 
 def _find_tokenizer(ckpt: Path, given: Optional[str], vocab_size: int, log) -> Optional[Path]:

@@ -7,10 +7,11 @@ shard's header from the config, writes it, then streams every tensor's bytes in 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import BinaryIO, Callable, Dict, Iterable, List, Tuple
 
 ST_DTYPES = {"int8": "I8", "bfloat16": "BF16", "float32": "F32"}
 ITEMSIZE = {"int8": 1, "bfloat16": 2, "float32": 4}
@@ -46,6 +47,27 @@ class Shard:
         h = json.dumps(meta, separators=(",", ":")).encode()
         h += b" " * (-(len(h) + 8) % 8)      # keep the data 8-byte aligned for zero-copy loads
         return struct.pack("<Q", len(h)) + h
+
+    def write(self, f: BinaryIO, pieces: Callable[["OutTensor"], Iterable], progress: Callable[[int], None],
+              error: type = ValueError) -> str:
+        """Write the shard to the open file ``f``: the header, then each tensor's bytes as ``pieces(t)``
+        yields them (bytes-like). Reports every write to ``progress``, raises ``error`` naming a tensor
+        whose pieces do not add up to its size, and returns the sha256 of what was written."""
+        h = hashlib.sha256()
+        header = self.header()
+        f.write(header)
+        h.update(header)
+        progress(len(header))
+        for t in self.tensors:
+            written = 0
+            for piece in pieces(t):
+                f.write(piece)
+                h.update(piece)
+                written += len(piece)
+                progress(len(piece))
+            if written != t.nbytes:
+                raise error(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
+        return h.hexdigest()
 
     @property
     def data_bytes(self) -> int:

@@ -23,7 +23,6 @@ and removed on any error.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import shutil
@@ -193,26 +192,16 @@ class _Reader:
 
 def _write_shard(path: Path, shard: Shard, specs: Dict[str, ParamSpec], read: _Reader, quantized: bool,
                  loras: Dict[str, LoRA], chunk_elems: int, progress) -> dict:
-    h = hashlib.sha256()
+    def pieces(t):
+        spec = specs[t.name]
+        f = read(t.name)
+        for block in _merged_blocks(f, read.file, t.name, spec, quantized and spec.quantized,
+                                    loras.get(spec.torch_name), _TORCH[t.dtype], chunk_elems):
+            yield memoryview(block.contiguous().view(-1).view(torch.uint8).numpy())
+
     with open(path, "wb") as out:
-        header = shard.header()
-        out.write(header)
-        h.update(header)
-        progress(len(header))
-        for t in shard.tensors:
-            spec = specs[t.name]
-            written = 0
-            f = read(t.name)
-            for block in _merged_blocks(f, read.file, t.name, spec, quantized and spec.quantized,
-                                        loras.get(spec.torch_name), _TORCH[t.dtype], chunk_elems):
-                piece = memoryview(block.contiguous().view(-1).view(torch.uint8).numpy())
-                out.write(piece)
-                h.update(piece)
-                written += len(piece)
-                progress(len(piece))
-            if written != t.nbytes:
-                raise MergeError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
-    return {"file": shard.file, "size": path.stat().st_size, "sha256": h.hexdigest()}
+        digest = shard.write(out, pieces, progress, MergeError)
+    return {"file": shard.file, "size": path.stat().st_size, "sha256": digest}
 
 
 def _write_model(tmp: Path, plan, specs: Dict[str, ParamSpec], read: _Reader, quantized: bool,

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["prefill", "DecodeStep", "graph_blocker"]
+__all__ = ["prefill", "DecodeStep", "graph_blocker", "require_capturable"]
 
 
 def prefill(model, tokens: torch.Tensor, lengths: torch.Tensor, cache, chunk: Optional[int] = None) -> torch.Tensor:
@@ -62,6 +62,13 @@ def graph_blocker(model) -> Optional[str]:
     return None
 
 
+def require_capturable(model, flag: str = "cuda_graph=True", hint: str = "") -> None:
+    """A one-line ValueError naming ``flag`` when ``model``'s decode step cannot be captured."""
+    blocker = graph_blocker(model)
+    if blocker:
+        raise ValueError(f"{flag}, but the decode step cannot be captured: {blocker}{hint}")
+
+
 class DecodeStep:
     """``step(ids [B]) -> logits [B, V]``: one decode step through ``cache``, advancing ``cache.pos`` by 1.
 
@@ -75,11 +82,10 @@ class DecodeStep:
         device = cache.pos.device
         self.ids = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
         self.graph = None
-        blocker = graph_blocker(model)
-        if cuda_graph and blocker:
-            raise ValueError(f"cuda_graph=True, but the decode step cannot be captured: {blocker}")
-        if cuda_graph is None:
-            cuda_graph = blocker is None
+        if cuda_graph:
+            require_capturable(model)
+        elif cuda_graph is None:
+            cuda_graph = graph_blocker(model) is None
         if cuda_graph:
             self._capture()
 

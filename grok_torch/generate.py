@@ -18,7 +18,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from grok_torch.decode import DecodeStep, graph_blocker, prefill
+from grok_torch.decode import DecodeStep, prefill, require_capturable
 from grok_torch.sampling import SampleSettings, sample
 
 __all__ = ["Generation", "stream", "generate", "encode_prompts"]
@@ -122,8 +122,8 @@ def stream(model, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int 
     cache = model.new_cache(B, max_len=needed)
     length_t = torch.tensor(lengths, device=device)
 
-    if cuda_graph and graph_blocker(model):  # before any work, not at the first decode step
-        raise ValueError(f"cuda_graph=True, but the decode step cannot be captured: {graph_blocker(model)}")
+    if cuda_graph:  # before any work, not at the first decode step
+        require_capturable(model)
     last = prefill(model, tokens, length_t, cache, prefill_chunk)
     step_fn = None  # made (and captured) at the first decode step
     done = [False] * B

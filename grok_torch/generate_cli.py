@@ -170,7 +170,7 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
          ) -> int:
     import torch
 
-    from grok_torch.decode import graph_blocker
+    from grok_torch.decode import require_capturable
     from grok_torch.generate import stream
     from grok_torch.model import Grok
     from grok_torch.sampling import SampleSettings
@@ -199,9 +199,8 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
         else:
             model = Grok.from_pretrained(args.model, dtype=dtype, device=args.device or "cpu", impl=args.impl, adapter=args.adapter)
         model.attn_precision = args.attn_precision
-        if args.cuda_graph == "on" and graph_blocker(model):
-            raise ValueError(f"--cuda-graph on: the decode step cannot be captured: {graph_blocker(model)} "
-                             f"(use --cuda-graph auto or off)")
+        if args.cuda_graph == "on":
+            require_capturable(model, "--cuda-graph on", " (use --cuda-graph auto or off)")
         prompt = tokenizer.encode(args.prompt) if args.prompt is not None else args.prompt_ids
     except (ValueError, TypeError, OSError, RuntimeError) as e:  # RuntimeError: e.g. out of memory
         if rank is None:

@@ -436,10 +436,11 @@ def _restore(ckpt: Path, model, cfg, opt, sched, data) -> int:
     saved = json.loads(state["config"])
     saved.setdefault("loss_chunk", cfg.loss_chunk)  # older checkpoints (T <= chunk: the same computation)
     saved.setdefault("data_parallel", cfg.data_parallel if ranks.world == 1 else False)  # older checkpoints
-    changed = [k for k in sorted(set(saved) | set(cfg.fingerprint())) if saved.get(k) != cfg.fingerprint().get(k)]
+    mine = cfg.fingerprint()
+    changed = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
     if changed:
         k = changed[0]
-        raise ValueError(f"--resume with changed settings: --{k.replace('_', '-')} {cfg.fingerprint().get(k)!r} "
+        raise ValueError(f"--resume with changed settings: --{k.replace('_', '-')} {mine.get(k)!r} "
                          f"(the checkpoint's: {saved.get(k)!r}); only {', '.join(RESUMABLE[:4])} may change")
     if cfg.full:
         from safetensors.torch import load_file

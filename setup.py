@@ -14,6 +14,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["grok_torch", "grok_torch.kernels", "grok_torch.convert", "grok_torch.parallel", "grok_torch.finetune"],
+    # Grok-1's tokenizer.model (Apache-2.0, from xai-org/grok-1) travels with the package: see README.
+    package_data={"grok_torch": ["tokenizer.model"]},
     package_dir={"grok_torch": "grok_torch", "grok_torch.kernels": "kernels", "grok_torch.convert": "convert"},
     install_requires=[
         "torch==2.13.0",

@@ -6,13 +6,14 @@ same opcode structure as the official files (SPEC §5.2, ``pickle_layout.txt``):
 ``numpy.core.multiarray._reconstruct`` or a ``__main__.QuantizedWeight8bit`` whose ``weight`` is
 int8 and whose ``scales`` are ``ml_dtypes.bfloat16``; payloads are streamed, never held whole.
 
-    python -m grok_torch.convert.synthetic /tmp/grok-tiny-src --config tiny
+    python -m grok_torch.convert.synthetic /tmp/grok-tiny-src     # the demo config: tiny shapes, real vocab
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -23,6 +24,9 @@ import torch
 from grok_torch.config import GrokConfig
 from grok_torch.convert.safetensors_io import ITEMSIZE
 from grok_torch.convert.weight_map import ParamSpec, param_order
+from grok_torch.tokenizer import BUNDLED_TOKENIZER
+
+_REAL_VOCAB = 128 * 1024    # the bundled tokenizer's size: configs with it get the tokenizer too
 
 _CHUNK = 1 << 24
 
@@ -112,7 +116,7 @@ def write_tensor_file(path: Path, spec: ParamSpec, rnd: _Random) -> None:
         f.write(b".")                                                 # STOP
 
 
-def write_checkpoint(dst: "str | os.PathLike", config: "str | GrokConfig" = "tiny", *, seed: int = 0,
+def write_checkpoint(dst: "str | os.PathLike", config: "str | GrokConfig" = "demo", *, seed: int = 0,
                      repeat: bool = False, progress: bool = False) -> Path:
     """Write ``dst/ckpt-0/tensor00000_000 ...`` for ``config``; returns the ``ckpt-0`` path."""
     cfg = config if isinstance(config, GrokConfig) else GrokConfig.load(config)
@@ -126,6 +130,9 @@ def write_checkpoint(dst: "str | os.PathLike", config: "str | GrokConfig" = "tin
         it = tqdm(specs, desc="synthetic checkpoint", unit="file")
     for spec in it:
         write_tensor_file(ckpt / spec.file, spec, rnd)
+    if cfg.vocab_size == _REAL_VOCAB:
+        # as the release lays it out: tokenizer.model beside ckpt-0, where grok-convert finds it
+        shutil.copyfile(BUNDLED_TOKENIZER, Path(dst) / "tokenizer.model")
     return ckpt
 
 
@@ -135,7 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Write a random checkpoint in the official Grok-1 format (ckpt-0/tensorNNNNN_000 pickles), "
                     "e.g. to try grok-convert and grok-generate without the 318 GB download.")
     p.add_argument("dst", help="directory to create ckpt-0/ in")
-    p.add_argument("--config", default="tiny", help="named config (tiny, grok-1) or JSON path (default tiny)")
+    p.add_argument("--config", default="demo",
+                   help="named config (demo, tiny, grok-1) or JSON path (default demo: tiny shapes with the real "
+                        "131072-token vocabulary; the real tokenizer.model is written beside ckpt-0)")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (e.g. 1 for real-shape benchmarks)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

@@ -167,4 +167,11 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
         vocab_size=512, d_model=128, num_layers=12, num_q_heads=16, num_kv_heads=8, head_dim=8,
         widening_factor=2, num_experts=8, num_experts_per_tok=2, max_seq_len=64,
     ),
+    # The README's demo model (``python -m grok_torch.convert.synthetic``): tiny's shapes with the
+    # real 131072-token vocabulary and 8192-token context, so the real tokenizer, text prompts and
+    # text fine-tuning work end to end on a CPU. Its weights are random: its text is random too.
+    "demo": dict(
+        vocab_size=128 * 1024, d_model=128, num_layers=12, num_q_heads=16, num_kv_heads=8, head_dim=8,
+        widening_factor=2, num_experts=8, num_experts_per_tok=2, max_seq_len=8192,
+    ),
 }

@@ -9,16 +9,24 @@ from __future__ import annotations
 import os
 from typing import List, Sequence, Union
 
-__all__ = ["Tokenizer", "StreamDecoder"]
+__all__ = ["Tokenizer", "StreamDecoder", "BUNDLED_TOKENIZER"]
+
+# Grok-1's own tokenizer.model (xai-org/grok-1, Apache-2.0; sha256 5c69d7cb...dd7f), shipped with the
+# package so that the demo model and text prompts work without the 318 GB download.
+BUNDLED_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.model")
 
 
 class Tokenizer:
-    """``Tokenizer(path)``: path to ``tokenizer.model`` or a directory holding one."""
+    """``Tokenizer(path)``: path to ``tokenizer.model`` or a directory holding one.
 
-    def __init__(self, path: Union[str, os.PathLike]):
+    ``Tokenizer()`` opens the Grok-1 tokenizer bundled with the package (``BUNDLED_TOKENIZER``),
+    the same file as the release's ``tokenizer.model``.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike, None] = None):
         import sentencepiece as spm
 
-        path = os.fspath(path)
+        path = BUNDLED_TOKENIZER if path is None else os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.model")
         if not os.path.isfile(path):

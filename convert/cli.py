@@ -5,8 +5,6 @@ import argparse
 import sys
 from typing import List, Optional
 
-from grok_torch.convert.grok_pickle import CheckpointError
-
 _EPILOG = """\
 examples:
   grok-convert /data/grok-1/checkpoints /data/grok-1-int8             # int8 as released (~318 GB)
@@ -60,19 +58,42 @@ def _verify_parser() -> argparse.ArgumentParser:
     return p
 
 
+# verify prints this many problems, then a count of the rest: a wrong --src differs in every tensor
+MAX_PROBLEMS_SHOWN = 20
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # anywhere, start-up included: one line, the conventional 128 + SIGINT
+        print("grok-convert verify: interrupted" if argv[:1] == ["verify"] else
+              "grok-convert: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def _main(argv: List[str]) -> int:
     verify = bool(argv) and argv[0] == "verify"
     a = _verify_parser().parse_args(argv[1:]) if verify else _convert_parser().parse_args(argv)
     # imported after parsing so that --help answers without loading torch
     from grok_torch.convert.convert import ConvertError, convert_checkpoint
+    from grok_torch.convert.grok_pickle import CheckpointError
     from grok_torch.convert.verify import verify_conversion
     try:
         if verify:
             problems = verify_conversion(a.out, a.src, quiet=a.quiet)
-            for m in problems:
+            for m in problems[:MAX_PROBLEMS_SHOWN]:
                 print(f"grok-convert verify: PROBLEM: {m}", file=sys.stderr)
-            if not problems:
+            if len(problems) > MAX_PROBLEMS_SHOWN:
+                print(f"grok-convert verify: ... and {len(problems) - MAX_PROBLEMS_SHOWN} more problem(s)",
+                      file=sys.stderr)
+            if problems:
+                differ = sum("differs from its conversion" in m for m in problems)
+                hint = (f"; {differ} tensors differ from the source: is --src the checkpoint {a.out} was "
+                        "converted from?" if a.src and differ > MAX_PROBLEMS_SHOWN else "")
+                print(f"grok-convert verify: {a.out}: FAILED, {len(problems)} problem(s){hint}", file=sys.stderr)
+            else:
                 print(f"grok-convert verify: {a.out}: all shards match the record"
                       + (" and the source" if a.src else ""))
             return 1 if problems else 0
@@ -84,9 +105,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"grok-convert: error: {msg}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("grok-convert: interrupted; rerun with --resume to continue", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

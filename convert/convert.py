@@ -110,26 +110,59 @@ def _file_sha256(path: Path, progress: Callable[[int], None] = lambda n: None, b
 
 def _write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    replaced = False
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        replaced = True
+    finally:
+        # also on a Ctrl-C between the write and the rename: no .partial survives
+        if not replaced:
+            tmp.unlink(missing_ok=True)
+
+
+def _listing(lines: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` lines, then one line counting the rest: an error stays readable for 756 files."""
+    shown = list(lines[:limit]) + ([f"  ... and {len(lines) - limit} more"] if len(lines) > limit else [])
+    return "\n".join(shown)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading and checking the source
 # ---------------------------------------------------------------------------------------------
+def _misfits(ckpt: Path, refs: Dict[int, TensorRef], present: set, cfg: GrokConfig):
+    """(number of the first 14 files that fit ``cfg``, descriptions of those that do not, files beyond it)."""
+    specs = [s for s in param_order(cfg)[:14] if s.index in present]
+    wrong = [f"{ckpt / s.file} ({s.path}): {p}" for s in specs if (p := _check(s, _read(ckpt, refs, s)))]
+    extra = sorted(i for i in present if i >= num_tensors(cfg))
+    if extra:
+        names = ", ".join(f"tensor{i:05d}_000" for i in extra[:3]) + (" ..." if len(extra) > 3 else "")
+        wrong.append(f"{len(extra)} file(s) beyond the {num_tensors(cfg)} tensors of config {cfg.name!r}: {names}")
+    return len(specs) - len(wrong) + bool(extra), wrong
+
+
 def _detect_config(ckpt: Path, refs: Dict[int, TensorRef], present: set) -> GrokConfig:
-    """The named config whose first layer's shapes the files show (missing files are reported later)."""
+    """The named config whose first layer's shapes the files show (missing files are reported later).
+
+    When none fits, the error names the closest config and the file that keeps it from fitting: one
+    damaged or stray file must not read as "an unknown model"."""
+    best = None
     for name in CONFIGS:
         cfg = GrokConfig.from_name(name)
-        if max(present) >= num_tensors(cfg):
-            continue
-        specs = [s for s in param_order(cfg)[:14] if s.index in present]
-        if all(_check(s, _read(ckpt, refs, s)) is None for s in specs):
+        fits, wrong = _misfits(ckpt, refs, present, cfg)
+        if not wrong:
             return cfg
+        if fits and (best is None or fits > best[0]):        # ties: the first in CONFIGS
+            best = (fits, cfg, wrong)
     emb = _read(ckpt, refs, param_order(GrokConfig.from_name("tiny"))[0])
     shape = list(emb.shape) if isinstance(emb, ArrayRef) else "?"
+    closest = ""
+    if best is not None:
+        more = f" (and {len(best[2]) - 1} more difference(s))" if len(best[2]) > 1 else ""
+        closest = (f"; closest is {best[1].name!r}, but {best[2][0]}{more}; "
+                   "if that file is damaged or stray, replace or remove it")
     raise ConvertError(f"{ckpt}: {len(present)} tensor files, embedding {shape}: this matches no named config "
-                       f"({', '.join(CONFIGS)}); pass --config PATH.json describing the model")
+                       f"({', '.join(CONFIGS)}){closest}; else pass --config PATH.json describing the model")
 
 
 def _read(ckpt: Path, refs: Dict[int, TensorRef], spec: ParamSpec) -> TensorRef:
@@ -174,9 +207,25 @@ def read_source(ckpt: Path, config: Union[None, str, GrokConfig]):
         cfg = config if isinstance(config, GrokConfig) else GrokConfig.load(config)
     specs = param_order(cfg)
     missing = [s for s in specs if s.index not in present]
+    if missing and config is not None:
+        # files of another model (e.g. --config grok-1 on the tiny fixture): one line saying so, not
+        # a list of every file the named config would need
+        _, wrong = _misfits(ckpt, refs, present, cfg)
+        if wrong:
+            try:
+                looks = f"it looks like {_detect_config(ckpt, refs, present).name!r}: drop --config to detect it"
+            except (ConvertError, CheckpointError):
+                looks = "nor does it match any named config: pass --config PATH.json describing the model"
+            raise ConvertError(f"{ckpt}: this checkpoint ({len(present)} tensor files) does not look like config "
+                               f"{cfg.name!r} ({len(specs)} tensors; {wrong[0]}); {looks}")
     if missing:
-        listing = "\n".join(f"  {s.file}  {s.path}" for s in missing)
-        raise ConvertError(f"{ckpt}: {len(missing)} of {len(specs)} tensor files are missing:\n{listing}")
+        listing = _listing([f"  {s.file}  {s.path}" for s in missing])
+        layers, rest = divmod(len(present) - 2, 12)
+        hint = ""
+        if not rest and 0 < layers < cfg.num_layers and max(present) == len(present) - 1:
+            hint = (f"\n(the {len(present)} files present make a complete {layers}-layer model: if that is "
+                    f"intended, pass --config PATH.json with num_layers {layers})")
+        raise ConvertError(f"{ckpt}: {len(missing)} of {len(specs)} tensor files are missing:\n{listing}{hint}")
     extra = sorted(present - {s.index for s in specs})
     if extra:
         raise ConvertError(f"{ckpt}: files tensor{extra[0]:05d}_000 ... ({len(extra)} extra) do not belong to "
@@ -340,19 +389,21 @@ def _write_shard(out: Path, shard: Shard, refs: Dict[int, TensorRef], chunk_byte
                 raise ConvertError("stopped")
             yield piece
 
+    replaced = False
     try:
         with open(tmp, "wb") as f:
             digest = shard.write(f, pieces, progress, ConvertError)
         os.replace(tmp, final)
+        replaced = True
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ConvertError(f"disk full while writing {final}: {e.strerror}. Free at least "
                                f"{human(shard.size)} and rerun with --resume (finished shards are kept)") from None
         raise ConvertError(f"writing {final} failed: {e}") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        # whatever ends the write (an error, "stopped", an interrupt between write and rename)
+        if not replaced:
+            tmp.unlink(missing_ok=True)
     return {"file": shard.file, "size": final.stat().st_size, "sha256": digest}
 
 
@@ -454,11 +505,23 @@ def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dt
         raise ConvertError(f"--plain-dtype must be fp32 or bf16, got {plain_dtype!r}")
     if parse_size(chunk_size) < 1 << 16:
         raise ConvertError(f"--chunk-size must be at least 64KiB, got {chunk_size!r}")
+    if parse_size(shard_size) < 1:
+        raise ConvertError(f"--shard-size must be positive, got {shard_size!r} (examples: 5GB, 500MB)")
+    if workers is not None and workers < 1:
+        raise ConvertError(f"--workers must be at least 1, got {workers}")
+    if resume and overwrite:
+        raise ConvertError("--resume and --overwrite exclude each other: --resume finishes the conversion in OUT, "
+                           "--overwrite starts it again; pass one of them")
     log = (lambda msg: None) if quiet else (lambda msg: print(f"grok-convert: {msg}", flush=True))
     out = Path(out)
     ckpt = find_ckpt_dir(src)
     if ckpt.resolve().is_relative_to(out.resolve()):
         raise ConvertError(f"OUT {out} contains the source checkpoint {ckpt}: choose a separate output directory")
+    if config is None and (ckpt.parent / "config.json").is_file():
+        # written beside ckpt-0 by `python -m grok_torch.convert.synthetic` (the release has none): a
+        # model with fewer layers than its named config cannot be detected from the shapes
+        config = _source_config(ckpt.parent / "config.json")
+        log(f"config from {ckpt.parent / 'config.json'}")
     cfg, specs, refs = read_source(ckpt, config)
     cfg = cfg.replace(weight_format=dtype)
     tok = _find_tokenizer(ckpt, tokenizer, cfg.vocab_size, log)
@@ -469,7 +532,42 @@ def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dt
     plan_key = hashlib.sha256(json.dumps([options, cfg.to_dict(), source_files, mtimes],
                                          sort_keys=True).encode()).hexdigest()
 
+    created = [d for d in (out, *out.parents) if not d.exists()]      # deepest first
     done = _prepare_out(out, resume, overwrite, plan_key, keep=tok)
+    state = {"plan_key": plan_key, "done": dict(done)}
+    try:
+        return _convert_into(out, ckpt, cfg, specs, refs, shards, source_files, options, tok, state,
+                             dtype, workers, quiet, chunk_size, log)
+    except BaseException:
+        if not state["done"]:
+            # nothing finished to --resume: leave nothing this run created (an OUT that existed keeps
+            # what it had; finished shards are kept, with their record, for --resume)
+            _remove_ours(out, created, keep=tok)
+        raise
+
+
+def _source_config(path: Path) -> GrokConfig:
+    try:
+        return GrokConfig.from_json(path)
+    except (ValueError, OSError) as e:
+        raise ConvertError(f"{e} (read as the config of the checkpoint beside it): fix it, or pass --config") from None
+
+
+def _remove_ours(out: Path, created: Sequence[Path], keep: Optional[Path]) -> None:
+    if out.is_dir():
+        for p in out.iterdir():
+            if p.is_file() and _OUR_FILES.match(p.name) and not (keep and p.resolve() == keep.resolve()):
+                p.unlink(missing_ok=True)
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:          # not empty (someone else's file) or already gone
+            break
+
+
+def _convert_into(out: Path, ckpt: Path, cfg: GrokConfig, specs, refs, shards, source_files, options, tok,
+                  state: dict, dtype: str, workers: Optional[int], quiet: bool, chunk_size, log) -> "ConvertResult":
+    done = state["done"]
     todo = [s for s in shards if s.file not in done]
     need = sum(s.size for s in todo)
     free = _free_bytes(out)
@@ -479,7 +577,6 @@ def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dt
     total = sum(s.size for s in shards)
     log(f"{ckpt}: config {cfg.name!r}, {len(specs)} tensors -> {len(shards)} shard(s), {human(total)} as {dtype}"
         + (f"; resuming, {len(done)} shard(s) already written" if done else ""))
-    state = {"plan_key": plan_key, "done": dict(done)}
     _write_json_atomic(out / STATE_FILE, state)
 
     nworkers = max(1, workers if workers else min(4, os.cpu_count() or 1))
@@ -507,8 +604,18 @@ def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dt
         stop.set()
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        while True:
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+                break
+            except KeyboardInterrupt:
+                # a second Ctrl-C: still wait (at most one chunk per worker) so that no worker is
+                # left writing a partial shard as the process exits
+                stop.set()
         progress.close()
+        for p in out.glob("*.partial"):        # unconditional: nothing half-written survives
+            if _OUR_FILES.match(p.name):
+                p.unlink(missing_ok=True)
 
     records = [state["done"][s.file] for s in shards]
     cfg.to_json(out / "config.json")

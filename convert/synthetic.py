@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -116,43 +117,95 @@ def write_tensor_file(path: Path, spec: ParamSpec, rnd: _Random) -> None:
         f.write(b".")                                                 # STOP
 
 
+# what write_checkpoint writes, and all that --overwrite removes
+_OUR_FILES = re.compile(r"^(config\.json|tokenizer\.model|ckpt-0/tensor\d{5}_000)$")
+
+
 def write_checkpoint(dst: "str | os.PathLike", config: "str | GrokConfig" = "demo", *, seed: int = 0,
-                     repeat: bool = False, progress: bool = False) -> Path:
-    """Write ``dst/ckpt-0/tensor00000_000 ...`` for ``config``; returns the ``ckpt-0`` path."""
+                     repeat: bool = False, progress: bool = False, overwrite: bool = False) -> Path:
+    """Write ``dst/ckpt-0/tensor00000_000 ...`` for ``config``; returns the ``ckpt-0`` path.
+
+    Also writes ``dst/config.json``, which grok-convert reads when not given ``--config`` (a model
+    with fewer layers than its named config cannot be detected from the shapes). A non-empty
+    ``dst`` is refused unless ``overwrite`` (then only the files listed above are replaced). On any
+    failure, Ctrl-C included, the files and directories this call created are removed.
+    """
     cfg = config if isinstance(config, GrokConfig) else GrokConfig.load(config)
-    ckpt = Path(dst) / "ckpt-0"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    rnd = _Random(seed, repeat)
-    specs = param_order(cfg)
-    it = specs
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(specs, desc="synthetic checkpoint", unit="file")
-    for spec in it:
-        write_tensor_file(ckpt / spec.file, spec, rnd)
-    if cfg.vocab_size == _REAL_VOCAB:
-        # as the release lays it out: tokenizer.model beside ckpt-0, where grok-convert finds it
-        shutil.copyfile(BUNDLED_TOKENIZER, Path(dst) / "tokenizer.model")
+    if cfg.num_layers < 1:
+        raise ValueError(f"--layers must be at least 1, got {cfg.num_layers}")
+    root = Path(dst)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root} is a file, not a directory: choose a directory to create ckpt-0/ in")
+    if root.is_dir() and any(root.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{root} is not empty: pass --overwrite to replace the checkpoint there, "
+                                  "or choose an empty directory")
+        for p in [*root.iterdir(), *((root / "ckpt-0").iterdir() if (root / "ckpt-0").is_dir() else [])]:
+            if p.is_file() and _OUR_FILES.match(p.relative_to(root).as_posix()):
+                p.unlink()
+    ckpt = root / "ckpt-0"
+    created_dirs = [d for d in (ckpt, root, *root.parents) if not d.exists()]     # deepest first
+    written: list = []
+    try:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        rnd = _Random(seed, repeat)
+        specs = param_order(cfg)
+        it = specs
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(specs, desc="synthetic checkpoint", unit="file")
+        for spec in it:
+            written.append(ckpt / spec.file)
+            write_tensor_file(ckpt / spec.file, spec, rnd)
+        written.append(root / "config.json")
+        cfg.to_json(root / "config.json")
+        if cfg.vocab_size == _REAL_VOCAB:
+            # as the release lays it out: tokenizer.model beside ckpt-0, where grok-convert finds it
+            written.append(root / "tokenizer.model")
+            shutil.copyfile(BUNDLED_TOKENIZER, root / "tokenizer.model")
+    except BaseException:
+        # nothing half-written: a checkpoint missing its last files would convert as "files missing"
+        for f in written:
+            f.unlink(missing_ok=True)
+        for d in created_dirs:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
     return ckpt
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    prog = "python -m grok_torch.convert.synthetic"
     p = argparse.ArgumentParser(
-        prog="python -m grok_torch.convert.synthetic",
-        description="Write a random checkpoint in the official Grok-1 format (ckpt-0/tensorNNNNN_000 pickles), "
-                    "e.g. to try grok-convert and grok-generate without the 318 GB download.")
-    p.add_argument("dst", help="directory to create ckpt-0/ in")
+        prog=prog,
+        description="Write a random checkpoint in the official Grok-1 format (ckpt-0/tensorNNNNN_000 pickles and "
+                    "config.json beside ckpt-0/), e.g. to try grok-convert and grok-generate without the 318 GB "
+                    "download.")
+    p.add_argument("dst", help="directory to create ckpt-0/ in (must be empty unless --overwrite)")
     p.add_argument("--config", default="demo",
                    help="named config (demo, tiny, grok-1) or JSON path (default demo: tiny shapes with the real "
                         "131072-token vocabulary; the real tokenizer.model is written beside ckpt-0)")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (e.g. 1 for real-shape benchmarks)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in DST")
     a = p.parse_args(argv)
-    cfg = GrokConfig.load(a.config)
-    if a.layers is not None:
-        cfg = cfg.replace(num_layers=a.layers)
-    ckpt = write_checkpoint(a.dst, cfg, seed=a.seed, progress=True)
-    print(f"wrote {ckpt} ({cfg.name}, {cfg.num_layers} layers)")
+    try:
+        if a.layers is not None and a.layers < 1:
+            raise ValueError(f"--layers must be at least 1, got {a.layers}")
+        cfg = GrokConfig.load(a.config)
+        if a.layers is not None:
+            cfg = cfg.replace(num_layers=a.layers)
+        ckpt = write_checkpoint(a.dst, cfg, seed=a.seed, progress=True, overwrite=a.overwrite)
+    except (ValueError, KeyError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was left in {a.dst}", file=sys.stderr)
+        return 130
+    print(f"wrote {ckpt} and {Path(a.dst) / 'config.json'} ({cfg.name}, {cfg.num_layers} layers)")
     return 0
 
 

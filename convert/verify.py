@@ -30,6 +30,10 @@ def verify_conversion(out: "str | os.PathLike", src: "str | os.PathLike | None" 
     """
     out = Path(out)
     rec_path = out / RECORD_FILE
+    if not out.exists():
+        raise ConvertError(f"{out} does not exist: pass the OUT directory of a finished grok-convert run")
+    if not out.is_dir():
+        raise ConvertError(f"{out} is not a directory: pass the OUT directory of a finished grok-convert run")
     if not rec_path.exists():
         raise ConvertError(f"{out}: no {RECORD_FILE}; is this a finished grok-convert output?")
     try:

@@ -14,6 +14,7 @@ import os
 import pickle
 import pickletools
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -222,7 +223,7 @@ def test_truncated_pickle_names_file_and_parameter(synth, tmp_path):
     f.write_bytes(f.read_bytes()[:5000])
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "grok_torch.convert", str(synth), str(out), "--quiet"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "tensor00015_000" in r.stderr and "truncated" in r.stderr
     assert "transformer/decoder_layer_1/moe/linear_1/w" in r.stderr
@@ -258,12 +259,14 @@ def test_wrong_shape_or_dtype_names_expected_and_found(synth, tmp_path):
 
 
 def test_config_detection_and_json_config(synth, tmp_path):
+    (synth / "config.json").unlink()                  # as released: no config beside ckpt-0, detected
     res = convert_checkpoint(synth, tmp_path / "a", quiet=True)
     assert res.config.name == "tiny"
     other = GrokConfig.from_name("tiny", num_kv_heads=4).replace(name="mine")
     (tmp_path / "mine.json").write_text(other.to_json())
     src2 = tmp_path / "src2"
     write_checkpoint(src2, other)
+    (src2 / "config.json").unlink()
     with pytest.raises(ConvertError, match="matches no named config.*--config"):
         convert_checkpoint(src2, tmp_path / "b", quiet=True)
     res = convert_checkpoint(src2 / "ckpt-0", tmp_path / "b", config=str(tmp_path / "mine.json"), quiet=True)
@@ -273,9 +276,16 @@ def test_config_detection_and_json_config(synth, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Resume, overwrite, disk space, verify
 # ---------------------------------------------------------------------------------------------
-def _cli(*args, env=None):
+def _default_sigint():
+    # a child of a background job (pytest &) inherits SIGINT as ignored, and Python then installs no
+    # KeyboardInterrupt handler: the interrupt tests need the disposition of an interactive terminal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _cli(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "grok_torch.convert", *map(str, args)],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          preexec_fn=_default_sigint, timeout=timeout)
 
 
 def _tree_bytes(d: Path):
@@ -393,7 +403,7 @@ def test_memory_does_not_grow_with_tensor_size(tmp_path, dtype):
     (tmp_path / "wide.json").write_text(cfg.to_json())
     write_checkpoint(tmp_path / "src", cfg, repeat=True)
     r = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(tmp_path / "src"), str(tmp_path / "out"), dtype,
-                        str(tmp_path / "wide.json")], capture_output=True, text=True, check=True)
+                        str(tmp_path / "wide.json")], capture_output=True, text=True, check=True, timeout=300)
     grew_kib = int(r.stdout.strip().splitlines()[-1])
     assert grew_kib < 48 * 1024, f"peak RSS grew by {grew_kib / 1024:.0f} MiB converting 64 MiB tensors"
 

@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence
 
-import torch
-
 from grok_torch.config import GrokConfig
 from grok_torch.convert.safetensors_io import ITEMSIZE
 from grok_torch.convert.weight_map import ParamSpec, param_order
@@ -73,11 +71,13 @@ class _Random:
     """Seeded random bytes; ``repeat`` reuses one block (fast, for multi-GB benchmark files)."""
 
     def __init__(self, seed: int, repeat: bool):
+        import torch   # here, not at the top: a Ctrl-C during the CLI's start-up is then one line
         self.g = torch.Generator().manual_seed(seed)
         self.repeat = repeat
         self.block: dict = {}
 
     def chunks(self, dtype: str, numel: int, make) -> Iterator[bytes]:
+        import torch
         per = _CHUNK // ITEMSIZE[dtype]
         for start in range(0, numel, per):
             n = min(per, numel - start)
@@ -91,6 +91,7 @@ class _Random:
 
 
 def write_tensor_file(path: Path, spec: ParamSpec, rnd: _Random) -> None:
+    import torch
     D = spec.shape[-2] if len(spec.shape) > 1 else spec.shape[0]
     with open(path, "wb") as f:
         f.write(b"\x80\x04")                                          # PROTO 4
@@ -190,7 +191,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override num_layers (e.g. 1 for real-shape benchmarks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in DST")
-    a = p.parse_args(argv)
+    try:
+        a = p.parse_args(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     try:
         if a.layers is not None and a.layers < 1:
             raise ValueError(f"--layers must be at least 1, got {a.layers}")

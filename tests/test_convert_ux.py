@@ -328,3 +328,12 @@ def test_ctrl_c_reaches_the_child_even_when_sigint_is_ignored_here(synth, tmp_pa
         signal.signal(signal.SIGINT, previous)
     assert r.returncode == 130, (r.returncode, r.stderr)
     _one_line(r.stderr)
+
+
+def test_synthetic_ctrl_c_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):              # e.g. while torch is still being imported
+        raise KeyboardInterrupt
+    monkeypatch.setattr(synthetic, "_Random", interrupted)
+    assert synthetic.main([str(tmp_path / "dst"), "--config", "tiny"]) == 130
+    _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "dst").exists()

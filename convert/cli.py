@@ -32,7 +32,8 @@ def _convert_parser() -> argparse.ArgumentParser:
                    help="int8: released weights + scales byte for byte (default); bf16: dequantized exactly as "
                         "the official code; fp32: the exact products int8*scale")
     p.add_argument("--config", default=None, metavar="NAME|PATH.json",
-                   help="grok-1, tiny, or a JSON config; default: detected from the tensor shapes")
+                   help="grok-1, tiny, demo, or a JSON config; default: config.json beside ckpt-0/ if there is one "
+                        "(python -m grok_torch.convert.synthetic writes it), else detected from the tensor shapes")
     p.add_argument("--shard-size", default="5GB", metavar="SIZE", help="data bytes per shard (default 5GB)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="shards written in parallel (default: min(4, CPUs)); memory is one chunk per worker")

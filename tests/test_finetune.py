@@ -163,7 +163,7 @@ def test_cli_help_run_and_errors(converted, corpus, tmp_path, capsys):
     argv = ["--model", str(converted("int8")), "--data", str(corpus), "--output-dir", str(tmp_path / "o"),
             "--seq-len", "32", "--max-steps", "2", "--dtype", "fp32", "--no-progress", "--impl", "torch"]
     assert main(argv) == 0
-    assert "2 steps, final loss" in capsys.readouterr().out
+    assert "2 steps (fp32), final loss" in capsys.readouterr().out
     for extra, needle in ((["--resume", "--overwrite"], "pass one"), (["--lora-targets", "mlp"], "--lora-targets"),
                           (["--seq-len", "100000"], "--seq-len 100000 exceeds"), ([], "holds another run")):
         assert main(argv + extra) == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -19,6 +20,8 @@ EXAMPLES = """examples:
 
   # one process per GPU, each holding its share of every layer's experts and training their adapters
   torchrun --nproc_per_node 8 $(which grok-finetune) --model /data/grok-1-int8 --data train.jsonl --output-dir out
+  accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 -m grok_torch.finetune \\
+      --model /data/grok-1-int8 --data train.jsonl --output-dir out
 
   # continue after an interruption (optionally with more steps), then use or merge the adapter
   grok-finetune ... --output-dir out --resume --max-steps 2000
@@ -68,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss-chunk", type=int, default=1024, metavar="N",
       help="positions per LM-head chunk of the loss; longer rows recompute the chunk's logits in backward "
            "instead of keeping [batch, seq, vocab] fp32 logits (default 1024)")
-    a("--dtype", choices=("bf16", "fp32"), default="bf16", help="activation dtype (default bf16, as released)")
+    a("--dtype", choices=("bf16", "fp32"),
+      help="activation dtype: bf16 (default; the release's mixed precision: fp32 norms, router, attention "
+           "scores, adapters and optimizer state) or fp32. Under accelerate launch, --mixed_precision bf16 "
+           "selects bf16 and fp16 is refused")
     a("--device", help="one torch device (default cpu)")
     a("--device-map", choices=("experts", "ffn", "auto", "balanced", "sequential"),
       help="spread the model over this process's GPUs: experts (each GPU a range of every layer's experts) or "
@@ -119,8 +125,11 @@ def _train(argv: List[str]) -> int:
         data_parallel=not args.no_data_parallel, loss_chunk=args.loss_chunk,
         progress=not args.no_progress)
     res = finetune(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:    # several processes: rank 0 reports for the run
+        return 0
     ev = res["eval"]
-    print(f"grok-finetune: {res['steps']} steps, final loss {res['final_loss']:.4f}"
+    procs = f", {res['world_size']} processes" if res["world_size"] > 1 else ""
+    print(f"grok-finetune: {res['steps']} steps ({res['dtype']}{procs}), final loss {res['final_loss']:.4f}"
           + (f", eval loss {ev['eval_loss']:.4f} (perplexity {ev['eval_ppl']:.2f})" if ev else "")
           + f"; adapter and metrics in {res['output_dir']}")
     return 0

@@ -111,7 +111,7 @@ class TrainConfig:
     aux_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
     gradient_checkpointing: bool = False
-    dtype: str = "bf16"
+    dtype: Optional[str] = None   # bf16 (the default, as released) or fp32; see resolve_dtype (accelerate)
     device: Optional[str] = None
     device_map: Optional[str] = None
     impl: str = "auto"
@@ -128,6 +128,7 @@ class TrainConfig:
     def __post_init__(self):
         self.data = [str(d) for d in ([self.data] if isinstance(self.data, (str, os.PathLike)) else self.data)]
         self.lora_targets = tuple(self.lora_targets)
+        self.dtype = resolve_dtype(self.dtype)
         checks = [
             (self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
@@ -155,6 +156,31 @@ class TrainConfig:
     def fingerprint(self) -> Dict:
         """The settings that define the computation (compared on resume), as JSON values."""
         return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k not in RESUMABLE}))
+
+
+def resolve_dtype(dtype: Optional[str]) -> str:
+    """The activation dtype of a run: ``dtype`` if given, else what accelerate asks for, else bf16.
+
+    Mixed precision comes through accelerate as its users set it: ``accelerate launch --mixed_precision
+    bf16`` (or ``accelerate config``) exports ACCELERATE_MIXED_PRECISION, read here. Grok-1's own bf16
+    mode IS mixed precision, the release's: bf16 activations and experts, fp32 norms, router, attention
+    scores and softmax, plus fp32 adapters and AdamW state (the trainable parameters are never bf16).
+    accelerate's autocast is not used: it would run those fp32 parts in bf16 and leave the release's
+    numerics. ``no`` (accelerate's default) leaves the model's precision alone, as accelerate does for
+    a model loaded in bf16; fp16 and fp8 are refused (Grok-1 was trained and released in bf16, and its
+    78.4x embedding scale overflows fp16); an explicit ``dtype`` that contradicts accelerate's bf16 too.
+    """
+    mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if mp not in ("", "no", "bf16"):
+        raise ValueError(f"accelerate's mixed precision {mp!r} (accelerate launch --mixed_precision / accelerate "
+                         "config) is not supported: Grok-1 trains in bf16 as released (--mixed_precision bf16) or fp32 "
+                         "(--mixed_precision no --dtype fp32)")
+    if dtype is None:
+        return "bf16"
+    if mp == "bf16" and dtype != "bf16":
+        raise ValueError(f"--dtype {dtype} contradicts accelerate's --mixed_precision bf16: pass one of them "
+                         "(--mixed_precision no --dtype fp32 for fp32)")
+    return dtype
 
 
 class _Ranks:
@@ -655,4 +681,4 @@ def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
         plot_losses(metrics.rows, out / "loss.png")
     evals = [r for r in metrics.rows if "eval_loss" in r]
     return {"steps": cfg.max_steps, "final_loss": row.get("loss"), "eval": evals[-1] if evals else None,
-            "output_dir": str(out), "trainable_parameters": sum(p.numel() for p in params), "data": stats.to_dict()}
+            "output_dir": str(out), "dtype": cfg.dtype, "world_size": ranks.world, "trainable_parameters": sum(p.numel() for p in params), "data": stats.to_dict()}

@@ -33,13 +33,20 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import statistics
 import sys
 import time
 
 import torch
 
-from grok_torch.kernels import fused_moe, moe_reference
+# On the CPU the triton rows run in Triton's interpreter, which `triton.jit` picks when the kernels are
+# defined and which the library leaves to its user: this script opts in before they are imported (an
+# explicit TRITON_INTERPRET in the environment wins).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from grok_torch.kernels import fused_moe, moe_reference  # noqa: E402
 
 SHAPES = {"full": (6144, 32768, 8), "tp8": (6144, 4096, 8), "tiny": (64, 128, 8)}
 

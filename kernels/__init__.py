@@ -18,6 +18,12 @@ Files:
 Implementation choice: impl="torch" | "triton" | "auto". "auto" is Triton when x is on CUDA and the
 reference elsewhere; the environment variable GROK_MOE_IMPL=torch|triton overrides "auto" (never an
 explicit impl). Triton is imported only when used, so this package imports without it.
+
+Without CUDA, Triton runs only in its interpreter, which ``triton.jit`` picks when a kernel is
+defined: set TRITON_INTERPRET=1 in the environment before importing the kernels to run impl="triton"
+on CPU tensors (the tests do, in tests/conftest.py). Importing this package never sets it, so that
+tools such as ``python -m grok_torch.kernels.aot`` get real (compilable) kernels; without it, impl
+"triton" on CPU tensors raises one error saying so (``require_launchable``).
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import torch
 
 from .reference import ExpertLoRA, moe_experts_reference, moe_reference, route
 
-__all__ = ["ExpertLoRA", "fused_moe", "moe_router", "moe_experts", "moe_reference", "moe_experts_reference", "route", "resolve_impl"]
+__all__ = ["ExpertLoRA", "fused_moe", "moe_router", "moe_experts", "moe_reference", "moe_experts_reference", "route", "resolve_impl",
+           "require_launchable"]
 
 _IMPLS = ("torch", "triton")
 
@@ -55,6 +62,24 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     if impl not in _IMPLS:
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     return impl
+
+
+def require_launchable(kernel, device: torch.device, what: str) -> None:
+    """Refuse a launch of ``kernel`` on CPU tensors unless it was defined under the Triton interpreter.
+
+    A kernel compiled for the GPU would otherwise fail deep inside Triton's launcher on host pointers.
+    The kernel object, not the environment, is asked: TRITON_INTERPRET set after the kernels were
+    defined does not make them interpretable. Other devices pass (CUDA; meta while aot.py records).
+    """
+    if device.type != "cpu":
+        return
+    from triton.runtime.jit import JITFunction  # only reached on the Triton path
+
+    if isinstance(kernel, JITFunction):
+        raise RuntimeError(
+            f"{what}: impl='triton' got CPU tensors, but the Triton kernels were not defined under Triton's "
+            "interpreter; move the tensors to CUDA, use impl='torch' (or 'auto'), or set TRITON_INTERPRET=1 "
+            "in the environment before grok_torch.kernels is imported to run them in the interpreter")
 
 
 def _use_reference(impl: str, x: torch.Tensor, lora: ExpertLoRA | None, op: str) -> bool:

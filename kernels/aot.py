@@ -41,8 +41,9 @@ shared memory per CTA and the CTAs per SM those allow on an H100-class SM. `is_g
 kernels built on tl.dot (the MoE GEMMs, the int8 linear, attention) and `cdtype` their operand dtype:
 the 16-bit ones must use tensor cores, the fp32 ones none (exact fp32, input_precision="ieee").
 tests/test_kernels_aot.py checks all of it in a subprocess with the interpreter off, because
-TRITON_INTERPRET (set on CPU-only machines) makes `triton.jit` return interpreter objects that cannot
-be compiled.
+TRITON_INTERPRET=1 (which the test process sets on CPU-only machines, tests/conftest.py) makes
+`triton.jit` return interpreter objects that cannot be compiled. Importing grok_torch.kernels never
+sets it, so this command works on a CPU-only machine as long as the environment does not.
 """
 from __future__ import annotations
 
@@ -291,10 +292,21 @@ def _run_attn(sc: AttnScenario) -> None:
     flash_attention_triton(q, k, v, q_pos, key_valid, scale=ATTN["scale"], cap=ATTN["cap"], precision=sc.precision)
 
 
+def _require_compilable(fn) -> None:
+    """Interpreter objects have neither the parameters to specialise nor anything to compile: say why."""
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)} was defined under Triton's interpreter (TRITON_INTERPRET=1 "
+                           "in the environment); the AOT check compiles real kernels: run it without TRITON_INTERPRET=1")
+
+
 def _specialize(fn, args, kwargs, target):
     """(signature, constexprs, attrs, options) as Triton's JIT builds them for these arguments."""
     from triton._C.libtriton import native_specialize_impl
     from triton.compiler.compiler import make_backend
+
+    _require_compilable(fn)
 
     backend = make_backend(target)
     bound = dict(zip(fn.arg_names, args))
@@ -395,8 +407,7 @@ def compile_variant(v: Variant, arch: int = 90) -> dict:
 
     mods = [importlib.import_module(f"{__package__}.{m}") for m in _DEFINED_IN]
     fn = next(getattr(m, v.kernel) for m in mods if hasattr(m, v.kernel))
-    if not isinstance(fn, triton.runtime.jit.JITFunction):
-        raise RuntimeError("kernels were defined under TRITON_INTERPRET=1; run with TRITON_INTERPRET=0")
+    _require_compilable(fn)  # a worker process defines the kernels anew
     t0 = time.time()
     k = triton.compile(ASTSource(fn=fn, signature=v.signature, constexprs=v.constexprs, attrs=v.attrs),
                        target=GPUTarget("cuda", arch, 32), options=v.options)

@@ -58,17 +58,14 @@ so one sequence cannot reach full HBM bandwidth. Tiles are untuned; nothing has 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
-# Without a GPU Triton runs only in its interpreter, chosen when a kernel is defined (as in ops.py).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+# Without a GPU the kernel runs only under the interpreter the user opts into (TRITON_INTERPRET=1, see ops.py).
+from . import require_launchable
 
 __all__ = ["AttnConfig", "attention_config", "flash_attention_triton"]
 
@@ -240,6 +237,7 @@ def flash_attention_triton(q, k, v, q_pos, key_valid, *, scale: float, cap: floa
     cfg = attention_config(T, G, dh, precision, max(k.element_size(), v.element_size()))
     operand, dot_precision = _PRECISIONS[precision]
     grid = (triton.cdiv(T, cfg.block_m // G), Hkv, B)
+    require_launchable(_flash_attn_kernel, q.device, "flash_attention_triton")
     _flash_attn_kernel[grid](
         q, k, v, q_pos, key_valid, out, T, S, 2.0 * float(scale) / float(cap), float(cap),
         q.stride(0), q.stride(1), q.stride(2),

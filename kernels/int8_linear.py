@@ -48,20 +48,15 @@ Everything is fp32 in the accumulator; the output is always fp32.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
-# Without a GPU Triton only runs in its interpreter, chosen when a kernel is defined (as in ops.py):
-# set it before triton is imported, unless the environment says otherwise.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from .reference import linear_reference  # noqa: E402
+# Without a GPU the kernel runs only under the interpreter the user opts into (TRITON_INTERPRET=1, see ops.py).
+from . import require_launchable
+from .reference import linear_reference
 
 __all__ = ["int8_linear_reference", "int8_linear_triton", "int8_linear_config", "Int8LinearConfig"]
 
@@ -277,9 +272,8 @@ def int8_linear_triton(x, w, scales=None, *, precision="fp32", transpose=False) 
     _check(x.shape[1] == 0 or x.stride(1) == 1,
            f"x's last dim must be contiguous (stride 1), got strides {tuple(x.stride())}; pass x.contiguous()")
     _check(_max_offset(w) < 2**31, f"w's element offsets must fit in int32 (strides {tuple(w.stride())})")
+    require_launchable(_int8_linear_kernel, x.device, "int8_linear_triton")
     if x.device.type == "cpu":
-        _check(os.environ.get("TRITON_INTERPRET") == "1",
-               "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1); move x, w, scales to CUDA")
         _check(precision == "fp32", "precision='bf16' needs a GPU (the Triton interpreter's bf16 arithmetic is "
                                     "wrong); use int8_linear_reference on the CPU")
     n_out, r = (K, N) if transpose else (N, K)

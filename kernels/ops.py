@@ -22,20 +22,15 @@ Every wrapper checks shapes and dtypes and names the offending argument.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
+import triton
+import triton.language as tl
 
-# Without a GPU, Triton kernels can only run in its interpreter, and the choice is made when a
-# kernel is defined: set it before the kernel modules below are imported (an explicit
-# TRITON_INTERPRET in the environment wins).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
+# Without a GPU the kernels run only under Triton's interpreter, which the user (or tests/conftest.py)
+# opts into with TRITON_INTERPRET=1 before this import; every launch goes through require_launchable.
+from . import require_launchable
 from .grouped_gemm import _combine_kernel, _moe_gemm_kernel, _moe_wgrad_kernel
 from .reference import gelu_constants, resolve_compute_dtype, route
 from .routing import _align_kernel, _router_topk_kernel
@@ -173,6 +168,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
+    require_launchable(_align_kernel, dev, "moe_align")
     _align_kernel[(1,)](
         ids, sorted_ids, block_expert, counts, offsets,
         numel, num_experts, max_blocks * block_m, max_blocks,
@@ -207,6 +203,7 @@ def moe_router(
     gates = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
     BLOCK_T = 16
+    require_launchable(_router_topk_kernel, x.device, "moe_router")
     _router_topk_kernel[(triton.cdiv(T, BLOCK_T),)](
         x, w, probs, gates, ids, forced if expert_ids is not None else ids,
         T, D, E,
@@ -294,6 +291,7 @@ def _launch_gemm(
     if store_preact is None:
         store_preact = preact is not None
     grid = (routing.max_blocks, triton.cdiv(N, cfg.block_n))
+    require_launchable(_moe_gemm_kernel, c.device, "the MoE grouped GEMM")
     _moe_gemm_kernel[grid](
         a, b, b2 if b2 is not None else b, s if s is not None else b, s2 if s2 is not None else b,
         c, g_out, u_out, gate if gate is not None else routing.gates,
@@ -436,6 +434,7 @@ def moe_combine(y: torch.Tensor, top_k: int, out_dtype: torch.dtype) -> torch.Te
     T, D = y.shape[0] // top_k, y.shape[1]
     out = torch.empty(T, D, dtype=out_dtype, device=y.device)
     BLOCK_D = 256
+    require_launchable(_combine_kernel, y.device, "moe_combine")
     _combine_kernel[(T, triton.cdiv(D, BLOCK_D))](
         y, out, D, y.stride(0), y.stride(1), out.stride(0), out.stride(1), TOP_K=top_k, BLOCK_D=BLOCK_D
     )
@@ -468,6 +467,7 @@ def moe_weight_grad(a, a_by_token, b, b_by_token, routing, w, *, cd, gates=None,
     dw = torch.empty(E, P, Q, dtype=w.dtype, device=w.device)
     T, K = routing.topk_ids.shape
     BLOCK_R, BLOCK_P, BLOCK_Q = block
+    require_launchable(_moe_wgrad_kernel, dw.device, "moe_weight_grad")
     _moe_wgrad_kernel[(E, triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q))](
         a, b, gates.reshape(-1).contiguous() if gates is not None else routing.gates, dw,
         routing.sorted_ids, routing.counts, routing.offsets,

@@ -32,6 +32,10 @@ for pkg in kernels convert; do [ -e "grok_torch/$pkg" ] || ln -s "../$pkg" "grok
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } \
   2>&1 | tee "$out/machine.txt"
 
+# The compiled kernels are what this checks: never Triton's interpreter, whatever the caller exported
+# (tests/conftest.py turns it on only where CUDA is missing; the library never does).
+unset TRITON_INTERPRET
+
 status=0
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_triton.py tests/test_flash_attention.py \
   tests/test_int8_linear.py tests/test_kernels_lora.py tests/test_model_parity.py tests/test_decode.py tests/test_parallel.py \

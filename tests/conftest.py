@@ -2,11 +2,22 @@
 
 The fixture lives beside the repository (../shared/grok1). Tests that need it SKIP when it is
 absent, except under CI (env CI set), where a missing fixture is a failure.
+
+Without CUDA this file also turns on Triton's interpreter for the test process (below), so the
+kernel tests run the Triton kernels on the CPU.
 """
 import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA the Triton kernels can run only in Triton's interpreter, which `triton.jit` picks when a
+# kernel is defined: opt this test process (and the subprocesses it starts) into it before any test
+# module imports grok_torch.kernels. The library never sets it itself (issue #11); an explicit
+# TRITON_INTERPRET in the environment wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "grok1"
 TINY_REF = SHARED / "tiny_ref"

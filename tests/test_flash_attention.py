@@ -1,7 +1,7 @@
 """Triton flash attention (grok_torch.kernels.flash_attention) against a dense fp32 oracle.
 
-Without CUDA the kernel runs under the Triton interpreter (fp32 only: the interpreter's bf16
-arithmetic is wrong), on small shapes. Covers:
+Without CUDA the kernel runs under the Triton interpreter (tests/conftest.py turns it on; fp32 only:
+the interpreter's bf16 arithmetic is wrong), on small shapes. Covers:
   * GQA G = 3, 4 and 1; dh 16 and 32; fp32 and fp16 K/V; several S not a multiple of the key block,
     with the default tiles and with small ones (several key blocks, several token blocks per head);
   * left padding (padding queries see no key: fully masked rows = mean of V over all S keys), right

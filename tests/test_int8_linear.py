@@ -1,10 +1,10 @@
 """The int8 weight-only linear (grok_torch.kernels.int8_linear) against its PyTorch reference.
 
-Without CUDA the kernel runs under the Triton interpreter (fp32 and fp16 only: its bf16 arithmetic is
-wrong), on small shapes chosen so that every path runs: each scale mode (1: scale row per K group;
-2: transposed, scale vector along the reduction; 3: groups narrower than a tile, per-element gather;
-0: float weights), a split reduction (with a K group boundary inside a chunk, and a ragged tail),
-masked rows and columns, several row and column tiles. Every output (and split partial) is poisoned
+Without CUDA the kernel runs under the Triton interpreter (tests/conftest.py turns it on; fp32 and fp16
+only: its bf16 arithmetic is wrong), on small shapes chosen so that every path runs: each scale mode
+(1: scale row per K group; 2: transposed, scale vector along the reduction; 3: groups narrower than a
+tile, per-element gather; 0: float weights), a split reduction (with a K group boundary inside a
+chunk, and a ragged tail), masked rows and columns, several row and column tiles. Every output (and split partial) is poisoned
 before the run. precision="bf16" is checked on the GPU only, where it is also checked at Grok-1
 shapes, with the memory high-water mark showing no weight-sized temporary.
 The sm_90 build is checked without a GPU: this file, run as a script with TRITON_INTERPRET=0, records

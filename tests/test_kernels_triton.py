@@ -1,7 +1,7 @@
 """Triton MoE kernels (grok_torch.kernels.ops) against the pure-PyTorch reference.
 
-On a machine without CUDA the kernels run under the Triton interpreter (grok_torch.kernels.ops sets
-TRITON_INTERPRET=1 before it defines them). The interpreter gets bf16 arithmetic wrong, so bf16 is
+On a machine without CUDA the kernels run under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before any test imports them; the library never does). The interpreter gets bf16 arithmetic wrong, so bf16 is
 checked on the GPU only; fp32 and fp16 run everywhere, on small shapes, because it is slow.
 
 Covers:

@@ -11,6 +11,12 @@ files use, itself:
   to inert stand-ins that only record what the pickle describes.
 * large byte strings (the tensor payloads) are not read: the reader records their offset and
   length in the file, so the converter can stream them in bounded chunks.
+* the file is hostile until proven otherwise (issue #12): only regular files are opened, every
+  length is checked against the bytes left before anything is allocated, and the opcode count,
+  stack, memo, nesting, string sizes and bytes held are capped at a generous multiple of what an
+  official file needs. So any file is refused (or read) in time linear in its size and in memory
+  bounded by a constant plus its small arrays, and every message is one line that names the file
+  and shows values from it only escaped and cut (:func:`_describe`), never their repr.
 
 The result is an :class:`ArrayRef` (plain fp32 tensors) or a :class:`QuantizedRef`
 (int8 ``weight`` + bf16 ``scales``), both pointing into the file.
@@ -19,14 +25,28 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 from dataclasses import dataclass
-from typing import Any, List, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 from grok_torch.convert.safetensors_io import ITEMSIZE
 
 # Payloads at least this large are skipped (offset recorded), smaller ones are read in memory.
 _INLINE_LIMIT = 1 << 16
+
+# Caps on what one file may make the reader do. An official file (pickle_layout.txt) runs ~115
+# opcodes, keeps ~12 items on the stack, 3 open MARKs, ~45 memo entries, nests tuples 2 deep
+# (the ndarray state holds the shape) and names nothing longer than 21 bytes; each cap is many
+# times that, and together they bound the work and memory per file whatever its size.
+_MAX_OPS = 4096                        # also bounds the number of objects created
+_MAX_STACK = 64
+_MAX_MARKS = 16
+_MAX_MEMO = 512
+_MAX_DEPTH = 8                         # tuples within tuples
+_MAX_STR = 256                         # bytes in a module, class or dtype name (and a GLOBAL line)
+_MAX_HELD = 4 * _INLINE_LIMIT          # bytes of strings and inline arrays held in memory, in all
+_MAX_INT_BYTES = 8                     # LONG1: the official files hold no integer beyond 64 bits
 
 
 class CheckpointError(ValueError):
@@ -125,6 +145,35 @@ class _Mark:
 _MARK = _Mark()
 
 
+def _quote(text: str, limit: int = 60) -> str:
+    """``text`` from a file, safe to print: quoted, ASCII-escaped (no control bytes), cut to ``limit``."""
+    return ascii(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def _describe(v: Any) -> str:
+    """A short description of a value from a file. Never its repr: a shared tuple can have a
+    repr of gigabytes, and a string can carry terminal escapes."""
+    if isinstance(v, str):
+        return f"the string {_quote(v)}"
+    if isinstance(v, _Global):
+        return v.qualname                            # allow-listed, so plain ASCII
+    if isinstance(v, (bytes, _Payload)):
+        return f"{len(v) if isinstance(v, bytes) else v.length} bytes"
+    if v is None or isinstance(v, (bool, int)):
+        return repr(v)                               # ints are at most 64 bits (_MAX_INT_BYTES)
+    if isinstance(v, tuple):
+        return f"a tuple of {len(v)} items"
+    if isinstance(v, dict):
+        return f"a dict of {len(v)} items"
+    if isinstance(v, _DType):
+        return f"dtype {v.name}"
+    if isinstance(v, _ArrayBuilder):
+        return "an ndarray"
+    if isinstance(v, _QW8):
+        return "a QuantizedWeight8bit"
+    return f"a value of type {type(v).__name__}"
+
+
 # ---------------------------------------------------------------------------------------------
 # The interpreter
 # ---------------------------------------------------------------------------------------------
@@ -136,11 +185,33 @@ def read_tensor_file(path: "str | os.PathLike") -> TensorRef:
     """
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            return _Reader(path, f, size).run()
+        # a FIFO would block open() forever and a device never ends: look before opening, then
+        # open without blocking and look again at what was opened (it may have been swapped)
+        _require_regular(path, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            _require_regular(path, st)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "rb") as f:
+            return _Reader(path, f, st.st_size).run()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or type(e).__name__}") from None
+
+
+_FILE_KINDS = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+
+
+def _require_regular(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "an unknown kind of file")
+        raise CheckpointError(f"{path}: not a regular file but {kind}; refusing to read it")
 
 
 class _Reader:
@@ -149,6 +220,9 @@ class _Reader:
         self.stack: List[Any] = []
         self.marks: List[int] = []
         self.memo: dict = {}
+        # nesting depth of every tuple built, by id; the tuple rides along so that its id stays its own
+        self.depths: Dict[int, Tuple[int, tuple]] = {}
+        self.held = 0                                  # bytes of strings and inline arrays read so far
 
     # -- helpers --------------------------------------------------------------------------
     def fail(self, msg: str) -> CheckpointError:
@@ -160,14 +234,43 @@ class _Reader:
             raise self.fail(f"truncated pickle: file ends at byte {self.size} inside an opcode")
         return b
 
+    def length(self, fmt: str, what: str) -> int:
+        """A length header, checked against the bytes left in the file before anything is allocated."""
+        n = struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+        start = self.f.tell()
+        if n > self.size - start:
+            raise self.fail(f"truncated: a {n}-byte {what} starts at byte {start} but the file has {self.size} bytes")
+        return n
+
+    def hold(self, n: int, what: str) -> bytes:
+        self.held += n
+        if self.held > _MAX_HELD:
+            raise self.fail(f"corrupt pickle: more than {_MAX_HELD} bytes of strings and small arrays at {what} "
+                            f"byte {self.f.tell()} (an official file holds one tensor)")
+        return self.read(n)
+
+    def string(self, n: int) -> str:
+        at = self.f.tell()
+        if n > _MAX_STR:
+            raise self.fail(f"corrupt pickle: a {n}-byte string at byte {at}; the names in an official file "
+                            f"are shorter than {_MAX_STR} bytes")
+        try:
+            return self.hold(n, "the string at").decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"corrupt pickle: the string at byte {at} is not UTF-8") from None
+
     def bytes_value(self, n: int) -> Any:
         start = self.f.tell()
-        if start + n > self.size:
-            raise self.fail(f"truncated: a {n}-byte payload starts at byte {start} but the file has {self.size} bytes")
         if n < _INLINE_LIMIT:
-            return self.read(n)
+            return self.hold(n, "the byte string at")
         self.f.seek(n, io.SEEK_CUR)
         return _Payload(start, n)
+
+    def push(self, v: Any) -> None:
+        if len(self.stack) >= _MAX_STACK:
+            raise self.fail(f"corrupt pickle: more than {_MAX_STACK} items on the stack "
+                            "(an official file needs about a dozen)")
+        self.stack.append(v)
 
     def pop_mark(self) -> List[Any]:
         if not self.marks:
@@ -178,16 +281,57 @@ class _Reader:
         return items
 
     def pop(self) -> Any:
-        if not self.stack:
+        if not self.stack or (self.marks and self.marks[-1] == len(self.stack)):
             raise self.fail("corrupt pickle: stack underflow")
         return self.stack.pop()
+
+    def tuple(self, items: List[Any]) -> tuple:
+        """A tuple of ``items``, refused when it nests deeper than any official file: hashing or
+        printing a deep (or memo-shared) tuple recurses in C, so depth is counted as it is built."""
+        depth = 1
+        for x in items:
+            if isinstance(x, dict):
+                raise self.fail("corrupt pickle: a dict inside a tuple (the official files have none)")
+            if isinstance(x, tuple):
+                depth = max(depth, self.depths[id(x)][0] + 1)
+        if depth > _MAX_DEPTH:
+            raise self.fail(f"corrupt pickle: tuples nested more than {_MAX_DEPTH} deep "
+                            "(an official file nests them 2 deep)")
+        t = tuple(items)
+        self.depths[id(t)] = (depth, t)
+        return t
+
+    def memoize(self, key: int) -> None:
+        if not self.stack:
+            raise self.fail("corrupt pickle: MEMOIZE on empty stack")
+        if key not in self.memo and len(self.memo) >= _MAX_MEMO:
+            raise self.fail(f"corrupt pickle: more than {_MAX_MEMO} memo entries (an official file needs about 45)")
+        self.memo[key] = self.stack[-1]
+
+    def set_item(self, d: Any, k: Any, v: Any) -> None:
+        # keys are strings in the official files ('weight', 'scales'): a string hashes in linear time,
+        # where a tuple key could take 2^depth work (memo-shared halves) or overflow the C stack
+        if not isinstance(d, dict):
+            raise self.fail(f"corrupt pickle: SETITEM on {_describe(d)}, not a dict")
+        if not isinstance(k, str):
+            raise self.fail(f"corrupt pickle: a dict key that is {_describe(k)}, not a string")
+        if isinstance(v, dict):
+            raise self.fail("corrupt pickle: a dict inside a dict (the official files have none)")
+        d[k] = v
+
+    def global_line(self) -> str:
+        line = self.f.readline(_MAX_STR + 1)
+        if not line.endswith(b"\n"):
+            raise self.fail(f"corrupt pickle: a GLOBAL name at byte {self.f.tell() - len(line)} is longer than "
+                            f"{_MAX_STR} bytes or has no end of line")
+        return line[:-1].decode("utf-8", "replace")
 
     def resolve_global(self, module: str, name: str) -> _Global:
         kind = ALLOWED_GLOBALS.get((module, name))
         if kind is None:
             raise UnsafePickleError(
-                f"{self.path}: refusing to load: the pickle references the global '{module}.{name}', which is not "
-                f"one an official Grok-1 checkpoint uses (allowed: "
+                f"{self.path}: refusing to load: the pickle references the global {_quote(module + '.' + name)}, "
+                f"which is not one an official Grok-1 checkpoint uses (allowed: "
                 f"{', '.join(sorted(m + '.' + n for m, n in ALLOWED_GLOBALS))}). Nothing was executed. "
                 f"The file is corrupt, not a Grok-1 checkpoint, or malicious.")
         return _Global(kind, f"{module}.{name}")
@@ -195,7 +339,7 @@ class _Reader:
     # -- object construction ---------------------------------------------------------------
     def reduce(self, fn: Any, args: Any) -> Any:
         if not isinstance(fn, _Global) or not isinstance(args, tuple):
-            raise self.fail(f"unexpected REDUCE of {fn!r}")
+            raise self.fail(f"unexpected REDUCE of {_describe(fn)} with {_describe(args)}")
         if fn.kind == "reconstruct":
             if len(args) == 3 and isinstance(args[0], _Global) and args[0].kind == "ndarray":
                 return _ArrayBuilder()
@@ -205,8 +349,9 @@ class _Reader:
                 return _DType("bfloat16")
             if isinstance(spec, str) and spec in _NUMPY_CODES:
                 return _DType(_NUMPY_CODES[spec])
-            raise self.fail(f"unsupported array dtype {spec!r} (the official files hold int8, float32 and bfloat16)")
-        raise self.fail(f"unexpected call {fn!r}{args!r}")
+            raise self.fail(f"unsupported array dtype {_describe(spec)} "
+                            "(the official files hold int8, float32 and bfloat16)")
+        raise self.fail(f"unexpected call of {fn.qualname} with {_describe(args)}")
 
     def build(self, obj: Any, state: Any) -> Any:
         if isinstance(obj, _DType):
@@ -215,11 +360,16 @@ class _Reader:
                 raise self.fail(f"big-endian {obj.name} arrays are not supported")
             return obj
         if isinstance(obj, _ArrayBuilder):
+            if obj.result is not None:
+                raise self.fail("corrupt pickle: an ndarray built twice")
             if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _DType)):
                 raise self.fail("corrupt ndarray state")
             _, shape, dt, fortran, data = state
-            if not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape):
-                raise self.fail(f"corrupt ndarray shape {shape!r}")
+            if not isinstance(shape, tuple) or not all(type(s) is int and s >= 0 for s in shape):
+                raise self.fail(f"corrupt ndarray shape: {_describe(shape)} of non-negative ints expected")
+            if not isinstance(data, (bytes, _Payload)):
+                # numpy would also take a list or tuple of ints; the official files hold bytes
+                raise self.fail(f"corrupt ndarray: its data is {_describe(data)}, not a byte string")
             n = ITEMSIZE[dt.name]
             for s in shape:
                 n *= s
@@ -231,12 +381,14 @@ class _Reader:
             if isinstance(data, _Payload):
                 obj.result = ArrayRef(self.path, dt.name, shape, data.offset, n)
             else:
-                obj.result = ArrayRef(self.path, dt.name, shape, -1, n, bytes(data))
+                obj.result = ArrayRef(self.path, dt.name, shape, -1, n, data)
             return obj
         if isinstance(obj, _QW8):
+            if obj.state is not None or not isinstance(state, dict):
+                raise self.fail("corrupt pickle: QuantizedWeight8bit state is not one dict")
             obj.state = state
             return obj
-        raise self.fail(f"unexpected BUILD on {type(obj).__name__}")
+        raise self.fail(f"unexpected BUILD on {_describe(obj)}")
 
     # -- main loop --------------------------------------------------------------------------
     def run(self) -> TensorRef:
@@ -244,15 +396,15 @@ class _Reader:
             return self._run()
         except CheckpointError:
             raise
-        except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError, struct.error,
-                OverflowError, RecursionError) as e:
-            # malformed input reaching a Python operation: still a clear error naming the file
-            raise self.fail(f"corrupt pickle near byte {self.f.tell()}: {type(e).__name__}: {e}") from None
+        except (IndexError, KeyError, TypeError, AttributeError, ValueError, struct.error, OverflowError,
+                RecursionError, MemoryError) as e:
+            # malformed input reaching a Python operation: still one clear line naming the file. Not
+            # str(e): that can hold a repr of a value from the file (a KeyError's key, say)
+            raise self.fail(f"corrupt pickle near byte {self.f.tell()} ({type(e).__name__})") from None
 
     def _run(self) -> TensorRef:
-        f, st = self.f, self.stack
-        u8 = struct.Struct("<B").unpack
-        while True:
+        f, push, pop = self.f, self.push, self.pop
+        for _ in range(_MAX_OPS):
             at = f.tell()
             op = f.read(1)
             if not op:
@@ -261,105 +413,104 @@ class _Reader:
             if o == 0x80:                                     # PROTO
                 if self.read(1)[0] > 5:
                     raise self.fail("unsupported pickle protocol")
-            elif o == 0x95:                                   # FRAME (a length hint)
-                self.read(8)
+            elif o == 0x95:                                   # FRAME (a length hint, but it must fit)
+                self.length("<Q", "frame")
             elif o == 0x2E:                                   # STOP
                 return self.finish()
             elif o == 0x28:                                   # MARK
-                self.marks.append(len(st))
+                if len(self.marks) >= _MAX_MARKS:
+                    raise self.fail(f"corrupt pickle: more than {_MAX_MARKS} open MARKs")
+                self.marks.append(len(self.stack))
             elif o == 0x94:                                   # MEMOIZE
-                if not st:
-                    raise self.fail("corrupt pickle: MEMOIZE on empty stack")
-                self.memo[len(self.memo)] = st[-1]
+                self.memoize(len(self.memo))
             elif o == 0x71:                                   # BINPUT
-                self.memo[self.read(1)[0]] = st[-1]
+                self.memoize(self.read(1)[0])
             elif o == 0x72:                                   # LONG_BINPUT
-                self.memo[struct.unpack("<I", self.read(4))[0]] = st[-1]
+                self.memoize(struct.unpack("<I", self.read(4))[0])
             elif o in (0x68, 0x6A):                           # BINGET, LONG_BINGET
                 key = self.read(1)[0] if o == 0x68 else struct.unpack("<I", self.read(4))[0]
                 if key not in self.memo:
                     raise self.fail(f"corrupt pickle: memo key {key} missing")
-                st.append(self.memo[key])
+                push(self.memo[key])
             elif o == 0x8C:                                   # SHORT_BINUNICODE
-                st.append(self.read(u8(self.read(1))[0]).decode("utf-8"))
+                push(self.string(self.length("<B", "string")))
             elif o == 0x58:                                   # BINUNICODE
-                st.append(self.read(struct.unpack("<I", self.read(4))[0]).decode("utf-8"))
+                push(self.string(self.length("<I", "string")))
             elif o == 0x43:                                   # SHORT_BINBYTES
-                st.append(self.read(self.read(1)[0]))
+                push(self.bytes_value(self.length("<B", "byte string")))
             elif o == 0x42:                                   # BINBYTES
-                st.append(self.bytes_value(struct.unpack("<I", self.read(4))[0]))
+                push(self.bytes_value(self.length("<I", "byte string")))
             elif o == 0x8E:                                   # BINBYTES8
-                st.append(self.bytes_value(struct.unpack("<Q", self.read(8))[0]))
+                push(self.bytes_value(self.length("<Q", "byte string")))
             elif o == 0x4B:                                   # BININT1
-                st.append(self.read(1)[0])
+                push(self.read(1)[0])
             elif o == 0x4D:                                   # BININT2
-                st.append(struct.unpack("<H", self.read(2))[0])
+                push(struct.unpack("<H", self.read(2))[0])
             elif o == 0x4A:                                   # BININT
-                st.append(struct.unpack("<i", self.read(4))[0])
+                push(struct.unpack("<i", self.read(4))[0])
             elif o == 0x8A:                                   # LONG1
-                n = self.read(1)[0]
-                st.append(int.from_bytes(self.read(n), "little", signed=True))
+                n = self.length("<B", "integer")
+                if n > _MAX_INT_BYTES:
+                    raise self.fail(f"corrupt pickle: a {n}-byte integer at byte {at}")
+                push(int.from_bytes(self.read(n), "little", signed=True))
             elif o == 0x4E:                                   # NONE
-                st.append(None)
+                push(None)
             elif o == 0x88:                                   # NEWTRUE
-                st.append(True)
+                push(True)
             elif o == 0x89:                                   # NEWFALSE
-                st.append(False)
+                push(False)
             elif o == 0x29:                                   # EMPTY_TUPLE
-                st.append(())
+                push(self.tuple([]))
             elif o == 0x85:                                   # TUPLE1
-                st.append((self.pop(),))
+                push(self.tuple([pop()]))
             elif o == 0x86:                                   # TUPLE2
-                b, a = self.pop(), self.pop()
-                st.append((a, b))
+                b, a = pop(), pop()
+                push(self.tuple([a, b]))
             elif o == 0x87:                                   # TUPLE3
-                c, b, a = self.pop(), self.pop(), self.pop()
-                st.append((a, b, c))
+                c, b, a = pop(), pop(), pop()
+                push(self.tuple([a, b, c]))
             elif o == 0x74:                                   # TUPLE
-                st.append(tuple(self.pop_mark()))
+                push(self.tuple(self.pop_mark()))
             elif o == 0x7D:                                   # EMPTY_DICT
-                st.append({})
+                push({})
             elif o == 0x75:                                   # SETITEMS
                 items = self.pop_mark()
-                d = self.pop()
-                if not isinstance(d, dict) or len(items) % 2:
+                d = pop()
+                if len(items) % 2:
                     raise self.fail("corrupt pickle: bad SETITEMS")
                 for k in range(0, len(items), 2):
-                    d[items[k]] = items[k + 1]
-                st.append(d)
+                    self.set_item(d, items[k], items[k + 1])
+                push(d)
             elif o == 0x73:                                   # SETITEM
-                v, k = self.pop(), self.pop()
-                d = st[-1] if st else None
-                if not isinstance(d, dict):
-                    raise self.fail("corrupt pickle: bad SETITEM")
-                d[k] = v
+                v, k = pop(), pop()
+                self.set_item(self.stack[-1] if self.stack else None, k, v)
             elif o == 0x93:                                   # STACK_GLOBAL
-                name, module = self.pop(), self.pop()
+                name, module = pop(), pop()
                 if not (isinstance(module, str) and isinstance(name, str)):
                     raise self.fail("corrupt pickle: STACK_GLOBAL needs two strings")
-                st.append(self.resolve_global(module, name))
+                push(self.resolve_global(module, name))
             elif o == 0x63:                                   # GLOBAL (text protocol)
-                module = f.readline().decode("utf-8", "replace").rstrip("\n")
-                name = f.readline().decode("utf-8", "replace").rstrip("\n")
-                st.append(self.resolve_global(module, name))
+                module = self.global_line()
+                push(self.resolve_global(module, self.global_line()))
             elif o == 0x52:                                   # REDUCE
-                args, fn = self.pop(), self.pop()
-                st.append(self.reduce(fn, args))
+                args, fn = pop(), pop()
+                push(self.reduce(fn, args))
             elif o == 0x81:                                   # NEWOBJ
-                args, cls = self.pop(), self.pop()
+                args, cls = pop(), pop()
                 if isinstance(cls, _Global) and cls.kind == "qw8" and args == ():
-                    st.append(_QW8())
+                    push(_QW8())
                 else:
-                    raise self.fail(f"unexpected NEWOBJ of {cls!r}")
+                    raise self.fail(f"unexpected NEWOBJ of {_describe(cls)} with {_describe(args)}")
             elif o == 0x62:                                   # BUILD
-                state = self.pop()
-                st.append(self.build(self.pop(), state))
+                state = pop()
+                push(self.build(pop(), state))
             else:
                 raise self.fail(f"corrupt or unsupported pickle: opcode 0x{o:02x} at byte {at} is not used by "
                                 "official Grok-1 checkpoint files")
+        raise self.fail(f"corrupt pickle: no STOP within {_MAX_OPS} opcodes (an official file has about 115)")
 
     def finish(self) -> TensorRef:
-        if len(self.stack) != 1:
+        if len(self.stack) != 1 or self.marks:
             raise self.fail("corrupt pickle: STOP with a malformed stack")
         obj = self.stack[0]
         if isinstance(obj, _ArrayBuilder) and obj.result is not None:
@@ -369,4 +520,4 @@ class _Reader:
             if isinstance(w, _ArrayBuilder) and isinstance(s, _ArrayBuilder) and w.result and s.result:
                 return QuantizedRef(w.result, s.result)
             raise self.fail("QuantizedWeight8bit without ndarray 'weight' and 'scales'")
-        raise self.fail(f"the pickle holds a {type(obj).__name__}, not an array or QuantizedWeight8bit")
+        raise self.fail(f"the pickle holds {_describe(obj)}, not an array or QuantizedWeight8bit")

@@ -52,7 +52,7 @@ def bench_one(label: str, cfg: GrokConfig, work: Path, dtypes, workers: int, row
     src = work / f"{label}-src"
     if not (src / "ckpt-0" / f"tensor{2 + 12 * cfg.num_layers - 1:05d}_000").exists():
         print(f"[{label}] writing synthetic checkpoint ({cfg.num_layers} layers, d_model {cfg.d_model}) ...", flush=True)
-        write_checkpoint(src, cfg, repeat=True, progress=True)
+        write_checkpoint(src, cfg, repeat=True, progress=True, overwrite=True)  # an interrupted earlier write
     size = _du(src)
     read_s, _ = _timed(["sh", "-c", f"cat {src}/ckpt-0/* > /dev/null"])
     dst = work / f"{label}-cp"

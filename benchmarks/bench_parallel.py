@@ -68,7 +68,7 @@ def make_checkpoint(cfg: GrokConfig, root: Path) -> Path:
 
     src, out = root / f"{cfg.name}-src", root / cfg.name
     if not out.exists():
-        write_checkpoint(src, cfg, seed=0)
+        write_checkpoint(src, cfg, seed=0, overwrite=True)  # an interrupted earlier write
         convert_checkpoint(src, out, dtype="int8", config=cfg, quiet=True, overwrite=True)
     return out
 

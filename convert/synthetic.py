@@ -109,7 +109,10 @@ def write_tensor_file(path: Path, spec: ParamSpec, rnd: _Random) -> None:
         else:
             name = spec.path
             if name.endswith("embeddings"):
-                make = lambda n, g: torch.randn(n, generator=g)
+                # std 1/sqrt(D): the scale the embedding multiplier (78.4 = sqrt(6144) for Grok-1) undoes,
+                # and the tied head's logits then have std ~output_multiplier, so a random model's loss
+                # starts near ln(vocab) instead of at tens of nats
+                make = lambda n, g: torch.randn(n, generator=g) / math.sqrt(spec.shape[-1])
             elif name.endswith("scale"):                              # RMSNorm scales around 1
                 make = lambda n, g: 1.0 + 0.1 * torch.randn(n, generator=g)
             else:                                                     # router

@@ -1,14 +1,23 @@
 """grok_torch: xAI's Grok-1 in PyTorch.
 
+    # the demo model (random weights, so random text): python -m grok_torch.convert.synthetic
+    # /tmp/grok-tiny-src && grok-convert /tmp/grok-tiny-src /tmp/grok-tiny
     from grok_torch import Grok, Tokenizer, generate
-    model = Grok.from_pretrained("grok-1-int8", device_map="experts")   # every visible GPU
-    tok = Tokenizer("grok-1-int8/tokenizer.model")
+    model = Grok.from_pretrained("/tmp/grok-tiny")   # the real one: device_map="experts" over every GPU
+    tok = Tokenizer.from_pretrained("/tmp/grok-tiny")
     print(generate(model, ["The answer to life"], 20, tokenizer=tok)[0].text)
+
+    # the same in transformers' spelling: a [batch, prompt + new] LongTensor of ids
+    inputs = tok(["The answer to life"], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=20)
+    print(tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
 
 Exports are resolved lazily so that ``import grok_torch.config`` (the converter, CLIs' --help)
 does not pay for importing torch.
 """
 import importlib
+import sys
+import types
 
 from grok_torch.config import CONFIGS, GrokConfig
 
@@ -28,3 +37,16 @@ def __getattr__(name):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'grok_torch' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # the first import of the submodule grok_torch.generate (``from grok_torch.generate import
+        # stream``, ``Grok.generate``) binds it on the package as ``generate``: the function wins, so
+        # that ``from grok_torch import generate`` is the function whatever was imported before
+        if name == "generate" and isinstance(value, types.ModuleType):
+            value = value.generate
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -21,7 +21,7 @@ import torch
 from grok_torch.decode import DecodeStep, prefill, require_capturable
 from grok_torch.sampling import SampleSettings, sample
 
-__all__ = ["Generation", "stream", "generate", "encode_prompts"]
+__all__ = ["Generation", "stream", "generate", "generate_ids", "encode_prompts", "check_tokenizer"]
 
 Prompt = Union[str, Sequence[int]]
 
@@ -81,19 +81,73 @@ def encode_prompts(prompts: Union[Prompt, Sequence[Prompt]], tokenizer=None) -> 
     return out
 
 
+def check_tokenizer(tokenizer, config, hint: str = "use the model's own tokenizer, or pass token ids") -> None:
+    """A tokenizer with more tokens than the model's vocabulary is another model's: its ids for a
+    text prompt can lie outside the model's embedding (the tiny test model's 512 vs Grok-1's 131072)."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer ({getattr(tokenizer, 'path', 'given')}, {tokenizer.vocab_size} tokens) does "
+                         f"not match the model (vocab_size {config.vocab_size}): {hint}")
+
+
 @torch.inference_mode()
 def stream(model, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int = 100, *,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
            stop_at_eos: bool = True, tokenizer=None, prefill_chunk: Optional[int] = 2048,
-           cuda_graph: Optional[bool] = None) -> Iterator[List[Optional[int]]]:
+           cuda_graph: Optional[bool] = None) -> Iterator[List[Union[int, str, None]]]:
     """Yield, per decode step, one new token id per row (None for rows that already stopped).
+
+    With a ``tokenizer`` (which also encodes text prompts) each row's entry is instead the text that
+    step adds (``tokenizer.StreamDecoder``): "" while the bytes of an unfinished character are held
+    back, and the EOS token adds none. Whatever is still held is added to a row's last piece, so
+    ``"".join`` of a row's pieces is ``Generation.text``::
+
+        from grok_torch import Grok, Tokenizer, stream
+        model, tok = Grok.from_pretrained("/tmp/grok-tiny"), Tokenizer.from_pretrained("/tmp/grok-tiny")
+        for pieces in stream(model, "The answer to life", 20, tokenizer=tok):
+            print(pieces[0], end="", flush=True)
+        print()
 
     prefill_chunk: prompt positions per prefill forward (None: the whole prompt at once); bounds a
     long prompt's activations. cuda_graph: capture the decode step in a CUDA graph (None: whenever
     the model is on one GPU with the Triton kernels; see ``grok_torch.decode.DecodeStep``).
     """
     settings = SampleSettings(temperature, top_p, top_k)
+    cfg = model.config
+    if tokenizer is not None and _has_text(prompts):
+        check_tokenizer(tokenizer, cfg)
     ids = encode_prompts(prompts, tokenizer)
+    if tokenizer is not None:
+        yield from _text_pieces(_stream_ids(model, ids, max_new_tokens, settings, seed, stop_at_eos, prefill_chunk,
+                                            cuda_graph), tokenizer, len(ids), cfg.eos_token_id if stop_at_eos else None,
+                                max_new_tokens - 1)
+        return
+    yield from _stream_ids(model, ids, max_new_tokens, settings, seed, stop_at_eos, prefill_chunk, cuda_graph)
+
+
+def _has_text(prompts) -> bool:
+    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and any(isinstance(p, str) for p in prompts))
+
+
+def _text_pieces(steps, tokenizer, rows: int, eos: Optional[int], last_step: int) -> Iterator[List[Optional[str]]]:
+    """Token-id steps -> text-piece steps (see ``stream``); a row's held bytes go out with its last piece."""
+    from grok_torch.tokenizer import StreamDecoder
+
+    decoders = [StreamDecoder(tokenizer) for _ in range(rows)]
+    for n, step in enumerate(steps):
+        out: List[Optional[str]] = []
+        for dec, t in zip(decoders, step):
+            if t is None:
+                out.append(None)
+                continue
+            piece = "" if t == eos else dec.push(t)
+            out.append(piece + dec.flush() if t == eos or n == last_step else piece)
+        yield out
+
+
+@torch.inference_mode()
+def _stream_ids(model, ids: List[List[int]], max_new_tokens: int, settings: SampleSettings, seed: Optional[int],
+                stop_at_eos: bool, prefill_chunk: Optional[int], cuda_graph: Optional[bool]
+                ) -> Iterator[List[Optional[int]]]:
     cfg = model.config
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -163,5 +217,71 @@ def generate(model, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: in
     if tokenizer is not None:
         for r in results:
             toks = r.tokens[:-1] if r.finish_reason == "eos" else r.tokens
-            r.text = tokenizer.decode(toks)
+            r.text = tokenizer.decode(toks, skip_special_tokens=True)
     return results
+
+
+def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: int = 100, do_sample: bool = False,
+                 temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
+                 eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+                 streamer=None, seed: Optional[int] = None, prefill_chunk: Optional[int] = 2048,
+                 cuda_graph: Optional[bool] = None) -> torch.Tensor:
+    """transformers' ``model.generate``: ``input_ids [B, T]`` -> LongTensor ``[B, T + T_new]`` (``Grok.generate``).
+
+    Row b's prompt is ``input_ids[b]`` where ``attention_mask[b]`` is 1 (left padding from the
+    tokenizer: ``tok(texts, padding=True, return_tensors="pt")``; None: every position), so each row
+    computes what ``generate(model, prompts)`` computes for it: the same tokens. The output keeps
+    ``input_ids`` as given; ``T_new`` is the longest row's count; a row that produced an
+    ``eos_token_id`` (default: the model's; an int or a list) is padded after it with ``pad_token_id``
+    (default: the model's, 0). ``do_sample=False`` is greedy; True samples with ``temperature``,
+    ``top_p``, ``top_k`` (None: 1.0, 1.0, 0 = off; transformers' generation config would say top_k 50)
+    and ``seed`` (row b draws from a generator seeded ``seed + b``; None: torch's global RNG).
+    ``streamer``: an object with ``put(ids)`` / ``end()`` (transformers' ``TextStreamer``): it gets
+    the prompt ``[B, T]`` first, then each step's new ids ``[B]``.
+    """
+    cfg = model.config
+    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(_plain(input_ids))
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(f"input_ids must be an integer [batch, seq] tensor, got {ids.dtype} {tuple(ids.shape)}")
+    if attention_mask is None:
+        mask = torch.ones_like(ids, dtype=torch.bool)
+    else:
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) else torch.tensor(_plain(attention_mask))
+        mask = mask.reshape(ids.shape) if mask.numel() == ids.numel() and mask.dim() < 2 else mask
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} must have input_ids' shape {tuple(ids.shape)}")
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("attention_mask must hold 0 (padding) and 1 (prompt token) only")
+        mask = mask.to(device=ids.device, dtype=torch.bool)
+    prompts = [row[m].tolist() for row, m in zip(ids, mask)]
+    empty = [b for b, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"row {empty[0]} of attention_mask has no 1: that row has no prompt to continue")
+    if do_sample:
+        settings = dict(temperature=1.0 if temperature is None else temperature,
+                        top_p=1.0 if top_p is None else top_p, top_k=top_k or 0)
+    else:
+        settings = dict(temperature=0.0)  # greedy: temperature / top_p / top_k do not apply
+    eos = {cfg.eos_token_id} if eos_token_id is None else (
+        {int(eos_token_id)} if _is_id(eos_token_id) else {int(e) for e in eos_token_id})
+    pad = cfg.pad_token_id if pad_token_id is None else int(pad_token_id)
+
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    new: List[List[int]] = []
+    done = [False] * len(prompts)
+    for step in stream(model, prompts, max_new_tokens, seed=seed, stop_at_eos=False, prefill_chunk=prefill_chunk,
+                       cuda_graph=cuda_graph, **settings):
+        now = [pad if d else t for d, t in zip(done, step)]
+        done = [d or t in eos for d, t in zip(done, now)]
+        new.append(now)
+        if streamer is not None:
+            streamer.put(torch.tensor(now))
+        if all(done):
+            break  # closes the stream: no further decode step runs
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([ids.long(), torch.tensor(new, dtype=torch.long, device=ids.device).T.reshape(len(prompts), -1)],
+                     dim=1)

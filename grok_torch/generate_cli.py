@@ -1,10 +1,12 @@
 """grok-generate: stream text (or token ids) from a converted Grok checkpoint.
 
-    # tiny CPU model converted from the fixture, token ids in and out (no tokenizer)
-    grok-convert ../shared/grok1/tiny_ref /tmp/tiny --config tiny
-    grok-generate --model /tmp/tiny --prompt-ids 25,376,378 --max-new-tokens 16 --temperature 0
+    # the demo model: Grok-1's shapes scaled down, its real 131072-token vocabulary and tokenizer,
+    # RANDOM weights (its output is random text); a few seconds on a CPU
+    python -m grok_torch.convert.synthetic /tmp/grok-tiny-src && grok-convert /tmp/grok-tiny-src /tmp/grok-tiny
+    grok-generate --model /tmp/grok-tiny --prompt "The answer to life" --max-new-tokens 20
+    grok-generate --model /tmp/grok-tiny --prompt-ids 422,3033,356 --max-new-tokens 8 --temperature 0
 
-    # the real model (tokenizer.model in the model directory, or --tokenizer PATH)
+    # the real model (grok-convert the release's checkpoints/ first; tokenizer.model is copied beside it)
     grok-generate --model /data/grok-1-int8 --prompt "The answer to life" --max-new-tokens 100
 
     # one process, several GPUs (device_map=); or one process per GPU (expert parallelism)
@@ -17,10 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import List, Optional, TextIO
 
 __all__ = ["main"]
+
+DEFAULT_NEW_TOKENS = 100
+# the library's parameter names, as this CLI's flags, in the errors it prints
+_FLAGS = re.compile(r"\b(max_new_tokens|temperature|top_p|top_k|prefill_chunk)\b")
 
 
 def _parse_ids(s: str) -> List[int]:
@@ -39,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--prompt-ids", type=_parse_ids, help="prompt as token ids, e.g. 25,376,378")
     p.add_argument("--tokenizer", help="tokenizer.model (default: MODEL/tokenizer.model when present)")
-    p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default 100)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help=f"tokens to generate (default {DEFAULT_NEW_TOKENS}, or what the model's context leaves room for)")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature; 0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="nucleus sampling, the official rule (ties at the threshold kept); 1.0 = off (default)")
@@ -74,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    """The error on one line, with library parameter names spelled as this CLI's flags (not in an
+    OSError's message: that names a path, which may hold any word)."""
+    line = " ".join(str(e).split()) or type(e).__name__
+    return line if isinstance(e, OSError) else _FLAGS.sub(lambda m: "--" + m.group(1).replace("_", "-"), line)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -170,24 +181,27 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
          ) -> int:
     import torch
 
+    from grok_torch.config import GrokConfig
     from grok_torch.decode import require_capturable
-    from grok_torch.generate import stream
+    from grok_torch.generate import check_tokenizer, stream
+    from grok_torch.loading import check_model_dir
     from grok_torch.model import Grok
     from grok_torch.sampling import SampleSettings
-    from grok_torch.tokenizer import StreamDecoder, Tokenizer
 
     out = out or sys.stdout
+    talk = rank in (None, 0)  # notes on stderr: once per job
     failure = None
     try:
-        if os.path.exists(args.model) and not os.path.isdir(args.model):
-            raise ValueError(f"--model {args.model} is not a directory (pass the directory written by grok-convert)")
+        # missing, empty or never converted: one line before anything else is looked at
+        config = GrokConfig.from_json(check_model_dir(args.model) / "config.json")
         SampleSettings(args.temperature, args.top_p, args.top_k)  # bad settings fail before the model loads
         if args.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be >= 0 (0 = the whole prompt at once), got {args.prefill_chunk}")
-        tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
-        tokenizer = Tokenizer(tok_path) if (args.tokenizer or os.path.exists(tok_path)) else None
-        if args.prompt is not None and tokenizer is None:
-            raise ValueError(f"--prompt needs a tokenizer; none at {tok_path} (pass --tokenizer or use --prompt-ids)")
+        tokenizer = _tokenizer(args, config)
+        if args.prompt is not None:
+            check_tokenizer(tokenizer, config, hint="pass the model's own --tokenizer, or --prompt-ids")
+        prompt = tokenizer.encode(args.prompt) if args.prompt is not None else args.prompt_ids
+        max_new_tokens = _max_new_tokens(args.max_new_tokens, len(prompt), config.max_seq_len, talk)
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         if expert_parallel:
             model = Grok.from_pretrained(args.model, dtype=dtype, device=device, impl=args.impl,
@@ -201,16 +215,18 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
         model.attn_precision = args.attn_precision
         if args.cuda_graph == "on":
             require_capturable(model, "--cuda-graph on", " (use --cuda-graph auto or off)")
-        prompt = tokenizer.encode(args.prompt) if args.prompt is not None else args.prompt_ids
     except (ValueError, TypeError, OSError, RuntimeError) as e:  # RuntimeError: e.g. out of memory
         if rank is None:
             raise
         failure = e  # under torchrun: told to the other ranks first, then raised
     if rank is not None:
         _agree(failure, "loading", rank)
-    decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
-    steps = stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed, stop_at_eos=not args.no_stop,
+    if talk and model.config.name == "demo":
+        print(f"grok-generate: {args.model} is the demo model: its weights are random, so its output is random text",
+              file=sys.stderr)
+    # with a tokenizer, stream yields each step's text (held-back bytes of a character included at the end)
+    steps = stream(model, [prompt], max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop_at_eos=not args.no_stop, tokenizer=tokenizer,
                    prefill_chunk=args.prefill_chunk or None,
                    cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph])
     first = True
@@ -218,17 +234,46 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
         t = step[0]
         if t is None:
             break
-        if decoder is not None:
-            if t != model.config.eos_token_id:
-                out.write(decoder.push(t))
-        else:
-            out.write(("" if first else ",") + str(t))
+        out.write(t if tokenizer is not None else ("" if first else ",") + str(t))
         first = False
         out.flush()
-    if decoder is not None:
-        out.write(decoder.flush())  # bytes of a character cut off by the end of generation
     out.write("\n")
     return 0
+
+
+def _tokenizer(args, config):
+    """--tokenizer, else MODEL/tokenizer.model, else (for --prompt on a model of Grok-1's vocabulary)
+    the Grok-1 tokenizer bundled with the package; None where there is none (ids are printed)."""
+    from grok_torch.tokenizer import BUNDLED_TOKENIZER, Tokenizer
+
+    path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
+    if args.tokenizer or os.path.exists(path):
+        return Tokenizer(path)
+    if args.prompt is None:
+        return None
+    bundled = Tokenizer(BUNDLED_TOKENIZER)
+    if bundled.vocab_size != config.vocab_size:
+        raise ValueError(f"--prompt needs a tokenizer; none at {path} (pass --tokenizer or use --prompt-ids)")
+    return bundled
+
+
+def _max_new_tokens(asked: Optional[int], prompt_len: int, context: int, talk: bool) -> int:
+    """--max-new-tokens, checked against the context; the default is cut to what fits, with a note."""
+    room = context - prompt_len + 1  # the last generated token is never fed back
+    if prompt_len > context:
+        raise ValueError(f"the prompt is {prompt_len} tokens, more than the model's context of {context}: "
+                         "shorten --prompt / --prompt-ids")
+    if asked is None:
+        if room < DEFAULT_NEW_TOKENS and talk:
+            print(f"grok-generate: warning: generating at most {room} tokens, not {DEFAULT_NEW_TOKENS}: the model's "
+                  f"context is {context} and the prompt {prompt_len} tokens", file=sys.stderr)
+        return min(DEFAULT_NEW_TOKENS, room)
+    if asked < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {asked}")
+    if prompt_len and asked > room:
+        raise ValueError(f"--max-new-tokens {asked} does not fit: the prompt is {prompt_len} tokens and the model's "
+                         f"context {context}, which leaves room for {room} (pass --max-new-tokens {room} or fewer)")
+    return asked
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torch import nn
 from grok_torch.config import GrokConfig
 from grok_torch.weights import SUPPORTED_DTYPES, Weight
 
-__all__ = ["load_pretrained"]
+__all__ = ["load_pretrained", "check_model_dir", "parse_dtype", "single_device"]
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -73,6 +73,69 @@ def _open_shard(shard: str):
     except Exception as e:  # SafetensorError (not a public class), OSError on a truncated mmap
         msg = " ".join(str(e).split())
         raise ValueError(f"{shard}: not a readable safetensors file ({type(e).__name__}: {msg})") from None
+
+
+# dtype spellings from_pretrained accepts (transformers' torch_dtype strings and the CLI's short names)
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+               "fp32": torch.float32, "float": torch.float32}
+
+
+def parse_dtype(value, what: str = "dtype"):
+    """A torch dtype, one of ``DTYPE_NAMES`` (also as "torch.bfloat16"), or "auto" (returned as is:
+    the checkpoint decides, see ``load_pretrained``) -> torch.bfloat16 / torch.float32 / "auto"."""
+    if isinstance(value, str):
+        name = value.lower().removeprefix("torch.")
+        if name == "auto":
+            return "auto"
+        if name not in DTYPE_NAMES:
+            raise ValueError(f"{what}={value!r} is not a supported dtype: pass torch.bfloat16 / \"bfloat16\" / "
+                             f"\"bf16\", torch.float32 / \"float32\" / \"fp32\", or \"auto\"")
+        return DTYPE_NAMES[name]
+    if value not in SUPPORTED_DTYPES:
+        raise ValueError(f"{what} must be torch.bfloat16 or torch.float32 (or \"bf16\" / \"fp32\"), got {value}")
+    return value
+
+
+def single_device(device_map):
+    """The one device a transformers-style ``device_map`` names ("cpu", "cuda:1", 0, torch.device,
+    {"": device}), or None when it is a placement plan (our splits, accelerate's planners, a
+    {module: device} dict)."""
+    from grok_torch.parallel.placement import ACCELERATE_MAPS, SPLITS, as_device
+
+    if isinstance(device_map, str) and device_map in SPLITS + ACCELERATE_MAPS:
+        return None
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            return None
+        device_map = device_map[""]
+    if isinstance(device_map, (str, int, torch.device)) and not isinstance(device_map, bool):
+        try:
+            return as_device(device_map)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"device_map={device_map!r} is neither a device nor one of "
+                             f"{SPLITS + ACCELERATE_MAPS} ({' '.join(str(e).split())})") from None
+    return None
+
+
+def check_model_dir(path: Union[str, os.PathLike]) -> Path:
+    """``path`` as a Path when it looks like a grok-convert output, else one line saying what it is
+    instead: missing, a file, empty, or an official checkpoint that was never converted (the usual
+    first mistake: ``--model`` pointed at the release's ``checkpoints/``)."""
+    path = Path(path)
+    convert_first = f"run grok-convert first (grok-convert CHECKPOINT {path})"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"model path {path} is not a directory (pass the directory written by grok-convert)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist: {convert_first}")
+    # what grok-convert accepts as its source (convert.find_ckpt_dir): DIR/ckpt-0/ or ckpt-0/ itself
+    if (path / "ckpt-0").is_dir() or (path / "tensor00000_000").exists():
+        raise ValueError(f"{path} is an official Grok-1 checkpoint (ckpt-0/tensorNNNNN_000 files), not a converted "
+                         f"model: run grok-convert first (grok-convert {path} OUT, then load OUT)")
+    if not any(path.iterdir()):
+        raise FileNotFoundError(f"model directory {path} is empty: {convert_first}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json, so it is not a grok-convert output: {convert_first}")
+    return path
 
 
 def _check_device(device) -> torch.device:
@@ -221,19 +284,18 @@ def load_pretrained(
     process_group=None,
 ):
     """Build ``cls`` (a Grok) from a grok-convert output directory. See ``Grok.from_pretrained``."""
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"model path {path} is not a directory (pass the directory written by grok-convert)")
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
+    dtype = parse_dtype(dtype)
+    path = check_model_dir(path)
     if device_map is not None and expert_parallel:
         raise ValueError("pass device_map (several GPUs in this process) or expert_parallel (one "
                          "shard per process), not both")
     if device_map is not None and device is not None:
         raise ValueError("pass device (one device) or device_map (several), not both")
+    if device_map is not None and single_device(device_map) is not None:
+        device, device_map = single_device(device_map), None  # transformers' device_map="cuda:0" / {"": 0}
     config = _check_config(path, config)
+    if dtype == "auto":  # transformers' torch_dtype="auto": what the checkpoint holds (int8 runs in bf16, as released)
+        dtype = torch.float32 if config.weight_format == "fp32" else torch.bfloat16
 
     with torch.device("meta"):
         model = cls(config, dtype=dtype, impl=impl)

@@ -25,7 +25,7 @@ from torch import nn
 
 from grok_torch.config import GrokConfig
 from grok_torch.kernels.attention import attention
-from grok_torch.loading import load_pretrained
+from grok_torch.loading import load_pretrained, parse_dtype
 from grok_torch.moe import MoE
 from grok_torch.weights import SUPPORTED_DTYPES, Weight
 
@@ -215,19 +215,22 @@ class Grok(nn.Module):
 
     # ---- construction ----
     @classmethod
-    def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None,
+    def from_pretrained(cls, path, dtype: Union[torch.dtype, str, None] = None,
                         device: Union[str, torch.device, None] = None, config: Optional[GrokConfig] = None,
                         impl: str = "auto", *, device_map=None, max_memory=None, devices=None,
                         expert_parallel: Union[bool, str] = False, process_group=None,
-                        torch_dtype: Optional[torch.dtype] = None, adapter=None) -> "Grok":
+                        torch_dtype: Union[torch.dtype, str, None] = None, adapter=None) -> "Grok":
         """Load a grok-convert output directory (config.json + safetensors) without a second copy.
 
         The model is built on the meta device and each loaded tensor becomes its parameter on its
         device. ``config`` (optional) must match the checkpoint's config.json, else a ValueError
-        names the fields. ``dtype`` (alias ``torch_dtype``): activation dtype, bf16 by default.
+        names the fields. ``dtype`` (alias ``torch_dtype``): activation dtype, bf16 by default; also
+        as a string ("bfloat16" / "bf16", "float32" / "fp32"), or "auto": fp32 for an fp32 checkpoint,
+        else bf16 (the released int8 weights run in bf16).
 
         Where the weights go (one of):
-          ``device``: one device (default "cpu").
+          ``device``: one device (default "cpu"). ``device_map`` naming one device ("cpu", "cuda:0",
+            0, {"": 0}: the transformers spellings) means the same.
           ``device_map``: several GPUs of this process (``grok_torch.parallel.placement``):
             "experts" (each GPU a contiguous range of every layer's experts), "ffn" (each GPU a slice
             of every expert's hidden dim), "auto" / "balanced" / "balanced_low_0" / "sequential"
@@ -241,7 +244,9 @@ class Grok(nn.Module):
         ``adapter``: a LoRA adapter directory (``grok-finetune`` output or ``grok_torch.lora.save_adapter``)
         applied on top of the loaded weights without merging; refused when trained for another model.
         """
+        dtype = None if dtype is None else parse_dtype(dtype)
         if torch_dtype is not None:
+            torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
             if dtype is not None and dtype != torch_dtype:
                 raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree (torch_dtype is an alias)")
             dtype = torch_dtype
@@ -286,10 +291,83 @@ class Grok(nn.Module):
         for layer in self.layers:
             layer.attn.precision = value
 
+    # ---- dtype and device: nn.Module's casts would round the fp32 norms, routers and embedding ----
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go (transformers' ``model.device``): the embedding's device."""
+        return self.embed.weight.device
+
+    def set_dtype(self, dtype: Union[torch.dtype, str]) -> "Grok":
+        """Switch the activation dtype in place; ``.to(dtype)``, ``.bfloat16()`` and ``.float()`` do this.
+
+        The model then computes what ``from_pretrained(dtype=dtype)`` of the same weights computes
+        (bit for bit, up to precision an earlier switch to bf16 rounded away): int8 weights, their
+        bf16 scales, the fp32 norms and routers and LoRA adapters are untouched; float expert
+        matrices take the new dtype; the embedding and the fp32-math attention matrices become fp32
+        for fp32 and are otherwise kept as they are (loading keeps fp32 ones in bf16 mode).
+        """
+        try:
+            parsed = parse_dtype(dtype)
+        except ValueError:
+            parsed = None
+        if parsed in (None, "auto"):
+            raise ValueError(f"cannot run Grok in {dtype if isinstance(dtype, torch.dtype) else repr(dtype)}: "
+                             "its activation dtype is torch.bfloat16 (as released) or torch.float32; use "
+                             "model.to(torch.bfloat16) / model.bfloat16() or model.float()")
+        dtype = parsed
+        for module in self.modules():
+            if isinstance(module, Weight) and module.weight.is_floating_point() and (
+                    dtype == torch.float32 or not module.fp32_math):
+                module.weight.data = module.weight.data.to(dtype)
+            if isinstance(getattr(module, "dtype", None), torch.dtype):  # Grok, layers, attention, MoE blocks
+                module.dtype = dtype
+        if dtype == torch.float32:
+            self.embed.weight.data = self.embed.weight.data.float()
+        return self
+
+    def to(self, *args, **kwargs) -> "Grok":
+        """nn.Module.to, except that a dtype is the activation dtype (``set_dtype``): ``.to("cuda")``,
+        ``.to(torch.bfloat16)``, ``.to(device, dtype)``."""
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            self.set_dtype(dtype)
+        if device is not None or memory_format is not None:
+            moves = {"device": device, "memory_format": memory_format}
+            super().to(**{k: v for k, v in moves.items() if v is not None}, non_blocking=non_blocking)
+        return self
+
+    def bfloat16(self) -> "Grok":
+        return self.set_dtype(torch.bfloat16)
+
+    def float(self) -> "Grok":
+        return self.set_dtype(torch.float32)
+
+    def half(self) -> "Grok":
+        return self.set_dtype(torch.float16)  # refused, naming what to use instead
+
+    def double(self) -> "Grok":
+        return self.set_dtype(torch.float64)
+
+    def type(self, dst_type) -> "Grok":
+        return self.set_dtype(dst_type)
+
     def new_cache(self, batch: int, max_len: Optional[int] = None) -> KVCache:
         """A zeroed KV cache, each layer's K/V on that layer's device (default length: the model context)."""
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.dtype, self.embed.weight.device,
                        layer_devices=[layer.attn.wq.weight.device for layer in self.layers])
+
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """transformers-style generation: ``input_ids [B, T]`` -> LongTensor ``[B, T + T_new]``, e.g.
+        ``model.generate(**tok(texts, padding=True, return_tensors="pt"), max_new_tokens=20)``.
+
+        Keywords (``grok_torch.generate.generate_ids``): max_new_tokens, do_sample (False: greedy),
+        temperature, top_p, top_k, eos_token_id, pad_token_id, streamer, seed, prefill_chunk,
+        cuda_graph. ``grok_torch.generate(model, prompts, ...)`` is the native API (a ``Generation``
+        per prompt, text prompts, EOS handling, finish reasons).
+        """
+        from grok_torch.generate import generate_ids
+
+        return generate_ids(self, input_ids, attention_mask, **kwargs)
 
     # ---- forward ----
     def _check_shapes(self, tokens: torch.Tensor, cache: Optional[KVCache]) -> None:

@@ -83,12 +83,13 @@ def test_unknown_device(converted, capsys):
     _fails(capsys, _ids(converted("int8"), "--device", "foo"), "invalid device 'foo'")
 
 
-@pytest.mark.parametrize("flag, value, needle", [
-    ("--temperature", "nan", "temperature"), ("--temperature", "-1", "temperature"),
-    ("--temperature", "inf", "temperature"), ("--top-p", "nan", "top_p"), ("--top-p", "1.5", "top_p"),
-    ("--top-p", "0", "top_p"), ("--top-k", "-3", "top_k"), ("--max-new-tokens", "0", "max_new_tokens")])
-def test_bad_sampling_settings(converted, capsys, flag, value, needle):
-    _fails(capsys, _ids(converted("int8"), flag, value), needle)
+@pytest.mark.parametrize("flag, value", [
+    ("--temperature", "nan"), ("--temperature", "-1"), ("--temperature", "inf"), ("--top-p", "nan"),
+    ("--top-p", "1.5"), ("--top-p", "0"), ("--top-k", "-3"), ("--max-new-tokens", "0"), ("--max-new-tokens", "64")])
+def test_bad_sampling_settings(converted, capsys, flag, value):
+    """Errors name the flag, not the library's parameter (top_p, max_new_tokens)."""
+    line = _fails(capsys, _ids(converted("int8"), flag, value), flag)
+    assert f" {flag[2:].replace('-', '_')} " not in line.replace(flag, ""), line
 
 
 def test_sample_settings_reject_nan_and_negatives():
@@ -191,3 +192,61 @@ def test_inference_flags(converted, capsys):
     assert len(capsys.readouterr().out.strip().split(",")) == 5
     _fails(capsys, argv + ["--cuda-graph", "on"], "--cuda-graph on", "not on one CUDA device")
     _fails(capsys, argv + ["--prefill-chunk", "-3"], "--prefill-chunk")
+
+
+# ---- a newcomer's first runs (issue 11) ---------------------------------------------------------
+
+def test_default_max_new_tokens_is_clamped_to_the_context(converted, capsys):
+    """The default 100 does not fit the tiny model's 64-token context: clamp with a one-line warning;
+    an explicit --max-new-tokens that does not fit is an error naming the flag."""
+    argv = ["--model", str(converted("int8")), "--prompt-ids", "25,376,378", "--temperature", "0", "--no-stop"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().split(",")) == 64 - 3 + 1
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "warning" in lines[0] and "62" in lines[0], lines
+    _fails(capsys, argv + ["--max-new-tokens", "100"], "--max-new-tokens 100", "62 or fewer")
+
+
+def test_text_prompt_with_another_models_tokenizer(converted, capsys):
+    from grok_torch.tokenizer import BUNDLED_TOKENIZER
+
+    _fails(capsys, ["--model", str(converted("int8")), "--prompt", "The answer to life", "--tokenizer",
+                    BUNDLED_TOKENIZER], "does not match the model", "vocab_size 512", "--prompt-ids")
+
+
+def test_unconverted_empty_or_missing_model_dir(capsys, tmp_path):
+    """--model at the release's checkpoints/ (ckpt-0/tensor*_000), at ckpt-0/ itself, at an empty or a
+    missing directory: one line saying so and "run grok-convert first"; the library says it too."""
+    from grok_torch import Grok
+
+    official = tmp_path / "checkpoints"
+    (official / "ckpt-0").mkdir(parents=True)
+    (official / "ckpt-0" / "tensor00000_000").write_bytes(b"\0")
+    (official / "tokenizer.model").write_bytes(b"\0")  # a text prompt must not fail on it first
+    (tmp_path / "empty").mkdir()
+    cases = [(official, "official Grok-1 checkpoint"), (official / "ckpt-0", "official Grok-1 checkpoint"),
+             (tmp_path / "empty", "is empty"), (tmp_path / "missing", "does not exist")]
+    for path, what in cases:
+        _fails(capsys, ["--model", str(path), "--prompt", "hi"], str(path), what, "run grok-convert first")
+        with pytest.raises((ValueError, OSError), match=f"{what}.*run grok-convert first"):
+            Grok.from_pretrained(path)
+
+
+def test_help_uses_the_demo_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "../shared" not in out and "grok-generate --model /tmp/grok-tiny --prompt" in out
+    assert "python -m grok_torch.convert.synthetic /tmp/grok-tiny-src && grok-convert /tmp/grok-tiny-src /tmp/grok-tiny" in out
+
+
+def test_demo_model_says_its_output_is_random(converted, capsys, tmp_path):
+    d = _copy(converted("int8"), tmp_path / "demo")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "name": "demo"}))
+    assert main(["--model", str(d), "--prompt-ids", "25,376", "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("random") >= 1 and len(err.strip().splitlines()) == 1, err
+    assert main(_ids(converted("int8"))) == 0
+    assert capsys.readouterr().err == ""

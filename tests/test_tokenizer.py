@@ -56,7 +56,7 @@ def test_stream_decoder_decodes_a_bounded_window(tok, monkeypatch):
     text = ("The answer to life 🦙 the universe, naïve café — 日本語 and ꙮ everything. " * 8).strip()
     ids = tok.encode(text)
     seen, decode = [], tok.decode
-    monkeypatch.setattr(tok, "decode", lambda x: (seen.append(len(x)), decode(x))[1])
+    monkeypatch.setattr(tok, "decode", lambda x, **kw: (seen.append(len(x)), decode(x, **kw))[1])
     dec = StreamDecoder(tok)
     out = "".join(dec.push(i) for i in ids) + dec.flush()
     assert out == text

@@ -159,7 +159,7 @@ def test_eval_split_and_full_finetuning(converted, corpus, tmp_path):
 def test_cli_help_run_and_errors(converted, corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "grok-finetune --model /tmp/grok-tiny --data /tmp/ids.jsonl" in capsys.readouterr().out
+    assert "grok-finetune --model /tmp/grok-tiny --data /tmp/corpus.txt" in capsys.readouterr().out
     argv = ["--model", str(converted("int8")), "--data", str(corpus), "--output-dir", str(tmp_path / "o"),
             "--seq-len", "32", "--max-steps", "2", "--dtype", "fp32", "--no-progress", "--impl", "torch"]
     assert main(argv) == 0

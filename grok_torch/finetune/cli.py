@@ -9,10 +9,11 @@ from typing import List, Optional
 __all__ = ["main", "build_parser", "build_merge_parser"]
 
 EXAMPLES = """examples:
-  # CPU, the tiny model (python -m grok_torch.convert.synthetic /tmp/grok-tiny-src && grok-convert /tmp/grok-tiny-src /tmp/grok-tiny),
-  # pre-tokenized data: one {"input_ids": [...]} per line
-  python -c "import json; [print(json.dumps({'input_ids': [25 + (7 * i + j) % 400 for j in range(40)]})) for i in range(20)]" > /tmp/ids.jsonl
-  grok-finetune --model /tmp/grok-tiny --data /tmp/ids.jsonl --output-dir /tmp/ft --seq-len 32 --max-steps 20 --lr 3e-3 --dtype fp32
+  # CPU, the demo model (python -m grok_torch.convert.synthetic /tmp/grok-tiny-src --overwrite &&
+  # grok-convert /tmp/grok-tiny-src /tmp/grok-tiny --overwrite): random weights, the real vocabulary and tokenizer
+  python -c "print('\\n'.join(['The quick brown fox jumps over the lazy dog.', 'Each token is routed to two of eight experts.'] * 10))" > /tmp/corpus.txt
+  grok-finetune --model /tmp/grok-tiny --data /tmp/corpus.txt --output-dir /tmp/ft --seq-len 32 --max-steps 30 --lr 1e-2 --dtype fp32 --overwrite
+  grok-generate --model /tmp/grok-tiny --adapter /tmp/ft --prompt "The quick brown" --max-new-tokens 8 --temperature 0
 
   # the real model on one 8-GPU node, text / prompt-completion JSONL, LoRA on attention and every expert
   grok-finetune --model /data/grok-1-int8 --data train.jsonl --output-dir out --device-map auto \\

@@ -47,6 +47,7 @@ _MAX_DEPTH = 8                         # tuples within tuples
 _MAX_STR = 256                         # bytes in a module, class or dtype name (and a GLOBAL line)
 _MAX_HELD = 4 * _INLINE_LIMIT          # bytes of strings and inline arrays held in memory, in all
 _MAX_INT_BYTES = 8                     # LONG1: the official files hold no integer beyond 64 bits
+_MAX_NDIM = 8                          # the official arrays have at most 3 dimensions
 
 
 class CheckpointError(ValueError):
@@ -367,6 +368,9 @@ class _Reader:
             _, shape, dt, fortran, data = state
             if not isinstance(shape, tuple) or not all(type(s) is int and s >= 0 for s in shape):
                 raise self.fail(f"corrupt ndarray shape: {_describe(shape)} of non-negative ints expected")
+            if len(shape) > _MAX_NDIM:
+                # also keeps the shape (and its byte count) in messages short
+                raise self.fail(f"corrupt ndarray shape: {len(shape)} dimensions (the official arrays have at most 3)")
             if not isinstance(data, (bytes, _Payload)):
                 # numpy would also take a list or tuple of ints; the official files hold bytes
                 raise self.fail(f"corrupt ndarray: its data is {_describe(data)}, not a byte string")

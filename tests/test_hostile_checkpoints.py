@@ -121,17 +121,27 @@ def test_error_messages_describe_values_in_bounded_form(tmp_path):
     assert "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX" not in msg
 
 
-def test_deeply_nested_tuple_is_refused_not_a_segfault(tmp_path):
-    _refused(_f(tmp_path), b"\x80\x04})" + b"\x85" * 1_000_000 + b"Ns.")
-
-
-@pytest.mark.parametrize("data", [
-    b"\x80\x04)" + b"\x85" * 100 + b".",                          # deep, no dict involved
-    b"\x80\x04}" + _s("k") + b"}s.",                              # a dict inside a dict
-    b"\x80\x04})K\x01s.",                                         # a tuple as a dict key
-], ids=["deep-tuple", "nested-dict", "tuple-key"])
-def test_nesting_beyond_the_official_files_is_refused(tmp_path, data):
+def test_a_huge_shape_gives_a_short_message(tmp_path):
+    # 60 dimensions of 2^63-1 (LONG1): the shape and its byte count would make a message of kilobytes
+    dims = b"(" + (b"\x8a\x08" + b"\xff" * 7 + b"\x7f") * 60 + b"t"
+    data = _array_pickle(b"C\x08" + bytes(8)).replace(b"(K\x01K\x02\x85", b"(K\x01" + dims)
+    assert len(data) > 600
     _refused(_f(tmp_path), data)
+
+
+def test_deeply_nested_tuple_is_refused_not_a_segfault(tmp_path):
+    assert "nested" in _refused(_f(tmp_path), b"\x80\x04})" + b"\x85" * 1_000_000 + b"Ns.")
+
+
+@pytest.mark.parametrize("data,why", [
+    (b"\x80\x04)" + b"\x85" * 100 + b".", "nested"),                 # deep, no dict involved
+    (b"\x80\x04N\x94" + _levels(30) + b".", "nested"),                 # memo-shared, no dict
+    (b"\x80\x04}" + _s("k") + b"}s.", "dict inside a dict"),
+    (b"\x80\x04(}t.", "dict inside a tuple"),
+    (b"\x80\x04})K\x01s.", "not a string"),                          # a tuple as a dict key
+], ids=["deep-tuple", "shared-tuple", "nested-dict", "dict-in-tuple", "tuple-key"])
+def test_nesting_beyond_the_official_files_is_refused(tmp_path, data, why):
+    assert why in _refused(_f(tmp_path), data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,19 +178,19 @@ def test_length_headers_are_checked_before_allocating(tmp_path, data):
 _BIG = 64 << 20
 
 
-@pytest.mark.parametrize("head,unit", [
-    (b"", b"}"),                                   # EMPTY_DICT: the issue's file
-    (b"", b"("),                                   # MARK
-    (b"", b")"),                                   # EMPTY_TUPLE
-    (b"N", b"\x94"),                               # MEMOIZE
-    (b"N\x94", b"h\x00"),                          # BINGET of one object
-    (b"", b"\x95" + bytes(8)),                     # empty FRAMEs: no object at all, only opcodes
-    (b"", b"\x80\x04"),                            # PROTO over and over
-    (b"", b"C\xff" + b"z" * 255),                  # many small byte strings
-], ids=["EMPTY_DICT", "MARK", "EMPTY_TUPLE", "MEMOIZE", "BINGET", "FRAME", "PROTO", "SHORT_BINBYTES"])
-def test_memory_and_time_do_not_amplify(tmp_path, head, unit):
+@pytest.mark.parametrize("head,unit,why", [
+    (b"", b"}", "stack"),                                 # EMPTY_DICT: the issue's file
+    (b"", b"(", "MARK"),
+    (b"", b")", "stack"),                                 # EMPTY_TUPLE
+    (b"N", b"\x94", "memo"),                              # MEMOIZE
+    (b"N\x94", b"h\x00", "stack"),                        # BINGET of one object
+    (b"", b"\x95" + bytes(8), "no STOP"),                 # empty FRAMEs: no object at all, only opcodes
+    (b"", b"\x80\x04", "no STOP"),                        # PROTO over and over
+    (b"", b"B" + struct.pack("<I", 60000) + b"z" * 60000, "bytes of strings"),   # many inline arrays' data
+], ids=["EMPTY_DICT", "MARK", "EMPTY_TUPLE", "MEMOIZE", "BINGET", "FRAME", "PROTO", "BINBYTES"])
+def test_memory_and_time_do_not_amplify(tmp_path, head, unit, why):
     data = b"\x80\x04" + head + unit * (_BIG // len(unit)) + b"."
-    _refused(_f(tmp_path), data)
+    assert why in _refused(_f(tmp_path), data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -243,11 +243,12 @@ class _Reader:
             raise self.fail(f"truncated: a {n}-byte {what} starts at byte {start} but the file has {self.size} bytes")
         return n
 
-    def hold(self, n: int, what: str) -> bytes:
+    def hold(self, n: int) -> bytes:
+        """``n`` bytes read into memory, counted against what one tensor's small arrays need."""
         self.held += n
         if self.held > _MAX_HELD:
-            raise self.fail(f"corrupt pickle: more than {_MAX_HELD} bytes of strings and small arrays at {what} "
-                            f"byte {self.f.tell()} (an official file holds one tensor)")
+            raise self.fail(f"corrupt pickle: more than {_MAX_HELD} bytes of strings and small arrays by byte "
+                            f"{self.f.tell()} (an official file holds one tensor)")
         return self.read(n)
 
     def string(self, n: int) -> str:
@@ -256,14 +257,14 @@ class _Reader:
             raise self.fail(f"corrupt pickle: a {n}-byte string at byte {at}; the names in an official file "
                             f"are shorter than {_MAX_STR} bytes")
         try:
-            return self.hold(n, "the string at").decode("utf-8")
+            return self.hold(n).decode("utf-8")
         except UnicodeDecodeError:
             raise self.fail(f"corrupt pickle: the string at byte {at} is not UTF-8") from None
 
     def bytes_value(self, n: int) -> Any:
         start = self.f.tell()
         if n < _INLINE_LIMIT:
-            return self.hold(n, "the byte string at")
+            return self.hold(n)
         self.f.seek(n, io.SEEK_CUR)
         return _Payload(start, n)
 

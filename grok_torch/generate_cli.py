@@ -2,7 +2,7 @@
 
     # the demo model: Grok-1's shapes scaled down, its real 131072-token vocabulary and tokenizer,
     # RANDOM weights (its output is random text); a few seconds on a CPU
-    python -m grok_torch.convert.synthetic /tmp/grok-tiny-src && grok-convert /tmp/grok-tiny-src /tmp/grok-tiny
+    python -m grok_torch.convert.synthetic /tmp/grok-tiny-src --overwrite && grok-convert /tmp/grok-tiny-src /tmp/grok-tiny --overwrite
     grok-generate --model /tmp/grok-tiny --prompt "The answer to life" --max-new-tokens 20
     grok-generate --model /tmp/grok-tiny --prompt-ids 422,3033,356 --max-new-tokens 8 --temperature 0
 

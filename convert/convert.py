@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from grok_torch.config import CONFIGS, GrokConfig
-from grok_torch.convert.grok_pickle import ArrayRef, CheckpointError, QuantizedRef, TensorRef, read_tensor_file
+from grok_torch.convert.grok_pickle import (ArrayRef, CheckpointError, QuantizedRef, TensorRef, open_regular,
+                                            read_tensor_file)
 from grok_torch.convert.safetensors_io import OutTensor, Shard, plan_shards
 from grok_torch.convert.weight_map import ParamSpec, num_tensors, param_order
 
@@ -257,7 +258,8 @@ def _open(a: ArrayRef):
     """(file object, offset of the array's first byte): small arrays were kept inline by the reader."""
     if a.offset < 0:
         return io.BytesIO(a.data), 0
-    return open(a.file, "rb", buffering=0), a.offset
+    f, _ = open_regular(a.file, buffering=0)  # checked again: the file may have been swapped for a FIFO since it was read
+    return f, a.offset
 
 
 def _copy_chunks(a: ArrayRef, chunk: int) -> Iterator[memoryview]:

@@ -78,7 +78,8 @@ class ArrayRef:
             length = self.nbytes - start
         if self.offset < 0:
             return self.data[start:start + length]
-        with open(self.file, "rb") as f:
+        f, _ = open_regular(self.file)
+        with f:
             f.seek(self.offset + start)
             out = f.read(length)
         if len(out) != length:
@@ -178,6 +179,25 @@ def _describe(v: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # The interpreter
 # ---------------------------------------------------------------------------------------------
+def open_regular(path: str, buffering: int = -1) -> Tuple[io.RawIOBase, os.stat_result]:
+    """Open ``path`` for reading only if it is a regular file (or a symlink to one).
+
+    A FIFO would block open() forever and a device never ends: look before opening, then open
+    without blocking and look again at what was opened (it may have been swapped in between).
+    Every open of a checkpoint file goes through here, also the payload's second open.
+    """
+    _require_regular(path, os.stat(path))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        _require_regular(path, st)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb", buffering=buffering), st
+
+
 def read_tensor_file(path: "str | os.PathLike") -> TensorRef:
     """Describe the tensor in one official checkpoint file without loading its payload.
 
@@ -186,18 +206,8 @@ def read_tensor_file(path: "str | os.PathLike") -> TensorRef:
     """
     path = os.fspath(path)
     try:
-        # a FIFO would block open() forever and a device never ends: look before opening, then
-        # open without blocking and look again at what was opened (it may have been swapped)
-        _require_regular(path, os.stat(path))
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        try:
-            st = os.fstat(fd)
-            _require_regular(path, st)
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-        with os.fdopen(fd, "rb") as f:
+        f, st = open_regular(path)
+        with f:
             return _Reader(path, f, st.st_size).run()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None

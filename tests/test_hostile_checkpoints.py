@@ -217,6 +217,38 @@ def test_non_regular_files_are_refused(tmp_path, kind):
     _refused(f)
 
 
+_SWAP_CHILD = r"""
+import os, sys
+from grok_torch.convert.convert import _copy_chunks
+from grok_torch.convert.grok_pickle import CheckpointError, read_tensor_file
+path = sys.argv[1]
+ref = read_tensor_file(path)                      # read while it was a regular file ...
+os.replace(path, path + ".real")
+os.mkfifo(path)                                   # ... then swapped for a FIFO before the payload is copied
+for step in ("ArrayRef.read", "convert"):
+    try:
+        ref.read() if step == "ArrayRef.read" else b"".join(_copy_chunks(ref, 1 << 20))
+        print(step, "read a FIFO")
+    except CheckpointError as e:
+        print(step, e)
+"""
+
+
+def test_a_file_swapped_for_a_fifo_after_reading_is_refused(tmp_path):
+    # the converter opens each file twice (describe, then copy the payload): both opens look first
+    from grok_torch.convert.synthetic import write_checkpoint
+
+    f = write_checkpoint(tmp_path / "src", "tiny") / "tensor00000_000"   # the embedding: 256 KiB left on disk
+    try:
+        r = subprocess.run([sys.executable, "-c", _SWAP_CHILD, str(f)], capture_output=True, text=True,
+                           timeout=_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the payload's second open blocked on a FIFO")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr[-2000:]
+    assert all("FIFO" in line and str(f) in line for line in lines), lines
+
+
 def test_symlink_to_a_regular_file_reads(tmp_path):
     real = tmp_path / "real"
     real.write_bytes(_array_pickle(b"C\x08" + bytes(range(8))))

@@ -1,7 +1,7 @@
 """grok_torch: xAI's Grok-1 in PyTorch.
 
     # the demo model (random weights, so random text): python -m grok_torch.convert.synthetic
-    # /tmp/grok-tiny-src && grok-convert /tmp/grok-tiny-src /tmp/grok-tiny
+    # /tmp/grok-tiny-src --overwrite && grok-convert /tmp/grok-tiny-src /tmp/grok-tiny --overwrite
     from grok_torch import Grok, Tokenizer, generate
     model = Grok.from_pretrained("/tmp/grok-tiny")   # the real one: device_map="experts" over every GPU
     tok = Tokenizer.from_pretrained("/tmp/grok-tiny")

@@ -238,7 +238,7 @@ def test_help_uses_the_demo_model(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "../shared" not in out and "grok-generate --model /tmp/grok-tiny --prompt" in out
-    assert "python -m grok_torch.convert.synthetic /tmp/grok-tiny-src && grok-convert /tmp/grok-tiny-src /tmp/grok-tiny" in out
+    assert "python -m grok_torch.convert.synthetic /tmp/grok-tiny-src --overwrite && grok-convert /tmp/grok-tiny-src /tmp/grok-tiny --overwrite" in out
 
 
 def test_demo_model_says_its_output_is_random(converted, capsys, tmp_path):

@@ -221,11 +221,18 @@ def generate(model, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: in
     return results
 
 
-def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: int = 100, do_sample: bool = False,
+_GENERATE_ARGS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_p", "top_k", "eos_token_id",
+                  "pad_token_id", "streamer", "seed", "prefill_chunk", "cuda_graph", "use_cache", "num_beams",
+                  "num_return_sequences")
+
+
+def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: Optional[int] = None,
+                 max_length: Optional[int] = None, do_sample: bool = False,
                  temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
                  eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
                  streamer=None, seed: Optional[int] = None, prefill_chunk: Optional[int] = 2048,
-                 cuda_graph: Optional[bool] = None) -> torch.Tensor:
+                 cuda_graph: Optional[bool] = None, use_cache: bool = True, num_beams: int = 1,
+                 num_return_sequences: int = 1, **unsupported) -> torch.Tensor:
     """transformers' ``model.generate``: ``input_ids [B, T]`` -> LongTensor ``[B, T + T_new]`` (``Grok.generate``).
 
     Row b's prompt is ``input_ids[b]`` where ``attention_mask[b]`` is 1 (left padding from the
@@ -238,7 +245,21 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: int =
     and ``seed`` (row b draws from a generator seeded ``seed + b``; None: torch's global RNG).
     ``streamer``: an object with ``put(ids)`` / ``end()`` (transformers' ``TextStreamer``): it gets
     the prompt ``[B, T]`` first, then each step's new ids ``[B]``.
+    ``max_length`` (prompt + new, transformers' older spelling) instead of ``max_new_tokens``
+    (default 100 new tokens, as the native API; transformers' generation config would say 20 in all).
+    ``use_cache`` is accepted and always on (a KV cache gives the same tokens); beam search
+    (``num_beams`` > 1) and ``num_return_sequences`` > 1 are not implemented and say so, as does any
+    other transformers argument.
     """
+    if unsupported:
+        raise TypeError(f"model.generate: unsupported argument(s) {', '.join(sorted(unsupported))}; "
+                        f"supported: {', '.join(_GENERATE_ARGS)}")
+    if num_beams != 1:
+        raise ValueError(f"model.generate: num_beams={num_beams}: beam search is not implemented "
+                         "(greedy: do_sample=False, or sampling: do_sample=True)")
+    if num_return_sequences != 1:
+        raise ValueError(f"model.generate: num_return_sequences={num_return_sequences} is not supported: "
+                         "repeat the rows of input_ids (and attention_mask) instead, e.g. input_ids.repeat(n, 1)")
     cfg = model.config
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(_plain(input_ids))
     if ids.dim() == 1:
@@ -255,6 +276,13 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: int =
         if not ((mask == 0) | (mask == 1)).all():
             raise ValueError("attention_mask must hold 0 (padding) and 1 (prompt token) only")
         mask = mask.to(device=ids.device, dtype=torch.bool)
+    if max_new_tokens is not None and max_length is not None:
+        raise ValueError("model.generate: pass max_new_tokens or max_length (prompt + new), not both")
+    if max_new_tokens is None:
+        max_new_tokens = 100 if max_length is None else max_length - ids.shape[1]
+        if max_length is not None and max_new_tokens < 1:
+            raise ValueError(f"model.generate: max_length={max_length} leaves no room after the "
+                             f"{ids.shape[1]}-token input_ids: use max_new_tokens")
     prompts = [row[m].tolist() for row, m in zip(ids, mask)]
     empty = [b for b, p in enumerate(prompts) if not p]
     if empty:

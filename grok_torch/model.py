@@ -360,7 +360,7 @@ class Grok(nn.Module):
         """transformers-style generation: ``input_ids [B, T]`` -> LongTensor ``[B, T + T_new]``, e.g.
         ``model.generate(**tok(texts, padding=True, return_tensors="pt"), max_new_tokens=20)``.
 
-        Keywords (``grok_torch.generate.generate_ids``): max_new_tokens, do_sample (False: greedy),
+        Keywords (``grok_torch.generate.generate_ids``): max_new_tokens (or max_length), do_sample (False: greedy),
         temperature, top_p, top_k, eos_token_id, pad_token_id, streamer, seed, prefill_chunk,
         cuda_graph. ``grok_torch.generate(model, prompts, ...)`` is the native API (a ``Generation``
         per prompt, text prompts, EOS handling, finish reasons).

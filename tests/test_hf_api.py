@@ -193,6 +193,25 @@ def test_generate_bad_inputs(tiny):
         tiny.generate(ids, mask, max_new_tokens=0)
 
 
+@torch.no_grad()
+def test_generate_max_length_and_the_transformers_arguments_it_does_not_have(tiny):
+    ids, mask = left_padded(PROMPTS)
+    T = ids.shape[1]
+    want = tiny.generate(ids, mask, max_new_tokens=4)
+    assert torch.equal(tiny.generate(ids, mask, max_length=T + 4), want)     # prompt + new, transformers' spelling
+    assert torch.equal(tiny.generate(ids, mask, max_new_tokens=4, use_cache=False, num_beams=1), want)
+    with pytest.raises(ValueError, match="not both"):
+        tiny.generate(ids, mask, max_new_tokens=4, max_length=T + 4)
+    with pytest.raises(ValueError, match=f"max_length={T} leaves no room"):
+        tiny.generate(ids, mask, max_length=T)
+    with pytest.raises(ValueError, match="num_beams=4: beam search is not implemented"):
+        tiny.generate(ids, mask, max_new_tokens=2, num_beams=4)
+    with pytest.raises(ValueError, match="num_return_sequences=2 is not supported: repeat the rows"):
+        tiny.generate(ids, mask, max_new_tokens=2, num_return_sequences=2)
+    with pytest.raises(TypeError, match="model.generate: unsupported argument.s. min_new_tokens, repetition_penalty"):
+        tiny.generate(ids, mask, max_new_tokens=2, repetition_penalty=1.1, min_new_tokens=1)
+
+
 def test_generate_method_leaves_the_package_function():
     """Importing the submodule grok_torch.generate first (as Grok.generate does) binds it on the package;
     ``from grok_torch import generate`` must still be the function (a fresh interpreter: no import before)."""

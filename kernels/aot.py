@@ -73,7 +73,10 @@ ATTN = dict(D=6144, Hq=48, Hkv=8, dh=128, max_len=8192, scale=128 ** -0.5, cap=3
 # projection: (K, N, G) of the released [in, out] int8 weight and its K groups
 PROJECTIONS = {"wq": (6144, 6144, 1), "wk": (6144, 1024, 1), "wv": (6144, 1024, 1), "wo": (6144, 6144, 8)}
 PREFILL = (512, 2048, 8192)  # attention prefill lengths; decode is T=1 (and 4, 8 speculative: --full)
-KINDS = ("moe", "linear", "attn")
+# attention training (forward with row statistics + backward): the fine-tuning estimate's sequence
+# (bench_finetune.py, seq 4096); --full adds the other prefill lengths (the same kernels, other T)
+TRAIN_SEQ = (4096,)
+KINDS = ("moe", "linear", "attn", "attn-train")
 
 # sm_90 per-SM limits (CUDA occupancy rules) for the CTAs-per-SM figure.
 SM90 = dict(regs=65536, smem=233472, smem_per_cta_max=232448, smem_reserved=1024, warps=64, ctas=32)
@@ -81,12 +84,13 @@ SM90 = dict(regs=65536, smem=233472, smem_per_cta_max=232448, smem_reserved=1024
 # module -> the kernel objects its wrappers launch through (swapped for recorders while recording)
 _KERNELS = {
     "ops": ("_router_topk_kernel", "_align_kernel", "_moe_gemm_kernel", "_combine_kernel", "_moe_wgrad_kernel"),
-    "flash_attention": ("_flash_attn_kernel",),
+    "flash_attention": ("_flash_attn_kernel", "_flash_attn_bwd_dkdv_kernel", "_flash_attn_bwd_dq_kernel"),
     "int8_linear": ("_int8_linear_kernel", "_int8_linear_reduce_kernel"),
 }
 # where each kernel is defined (the JITFunction to compile)
 _DEFINED_IN = ("grouped_gemm", "routing", "flash_attention", "int8_linear")
-_DOT_KERNELS = ("_moe_gemm_kernel", "_moe_wgrad_kernel", "_int8_linear_kernel", "_flash_attn_kernel")
+_ATTN_KERNELS = ("_flash_attn_kernel", "_flash_attn_bwd_dkdv_kernel", "_flash_attn_bwd_dq_kernel")
+_DOT_KERNELS = ("_moe_gemm_kernel", "_moe_wgrad_kernel", "_int8_linear_kernel") + _ATTN_KERNELS
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,7 @@ class AttnScenario:
     kv: str = "bf16cache"  # bf16cache | fp32cache | fp16cache: the whole preallocated cache (S = max_len);
     #                        fp32kv: no cache, the T tokens' own fp32 K/V (S = T)
     precision: str = "fp32"  # fp32 (the model's default) | bf16
+    train: bool = False  # q, k, v require grad: attention(impl="triton") forward (+ row stats) and backward
 
     @property
     def S(self) -> int:
@@ -137,6 +142,8 @@ class AttnScenario:
 
     @property
     def name(self) -> str:
+        if self.train:
+            return f"attn-train-T{self.T}-S{self.S}-{self.kv}-{self.precision}"
         if self.T <= 8:  # decode: one token (a few when speculating) over the cache
             step = "decode" + ("" if self.T == 1 else f"-T{self.T}")
         else:
@@ -145,7 +152,9 @@ class AttnScenario:
 
 
 def _kind(sc) -> str:
-    return {Scenario: "moe", LinearScenario: "linear", AttnScenario: "attn"}[type(sc)]
+    if isinstance(sc, AttnScenario):
+        return "attn-train" if sc.train else "attn"
+    return {Scenario: "moe", LinearScenario: "linear"}[type(sc)]
 
 
 def scenarios(full: bool = False, kinds: tuple = KINDS) -> list:
@@ -171,6 +180,9 @@ def scenarios(full: bool = False, kinds: tuple = KINDS) -> list:
         caches = ("bf16cache", "fp32cache", "fp16cache") if full else ("bf16cache",)
         out += [AttnScenario(T, kv, prec) for T in ((1, 4, 8) if full else (1,)) for kv in caches for prec in precs]
         out += [AttnScenario(T, kv, prec) for T in PREFILL for kv in caches + (("fp32kv",) if full else ())
+                for prec in precs]
+    if "attn-train" in kinds:  # training has no cache: the T tokens' own fp32 K/V, as the model gives them
+        out += [AttnScenario(T, "fp32kv", prec, train=True) for T in sorted(set(TRAIN_SEQ + (PREFILL if full else ())))
                 for prec in precs]
     return out
 
@@ -223,7 +235,7 @@ def record_launches(sc) -> list:
     """
     log: list = []
     with _recording(log):
-        {"moe": _run_moe, "linear": _run_linear, "attn": _run_attn}[_kind(sc)](sc)
+        {"moe": _run_moe, "linear": _run_linear, "attn": _run_attn, "attn-train": _run_attn}[_kind(sc)](sc)
     return log
 
 
@@ -279,6 +291,7 @@ def _run_linear(sc: LinearScenario) -> None:
 def _run_attn(sc: AttnScenario) -> None:
     import torch
 
+    from .attention import attention
     from .flash_attention import flash_attention_triton
 
     Hq, Hkv, dh, S = ATTN["Hq"], ATTN["Hkv"], ATTN["dh"], sc.S
@@ -289,6 +302,13 @@ def _run_attn(sc: AttnScenario) -> None:
     k, v = (torch.empty(1, S, Hkv, dh, dtype=kv_dtype, **meta) for _ in range(2))  # a layer's cache, or K/V
     q_pos = torch.empty(1, sc.T, dtype=torch.int64, **meta)
     key_valid = torch.empty(1, S, dtype=torch.bool, **meta)
+    if sc.train:  # the dispatcher as the model calls it while autograd records: forward + stats, then backward
+        for x in (q, k, v):
+            x.requires_grad_(True)
+        out = attention(q, k, v, q_pos, key_valid, scale=ATTN["scale"], cap=ATTN["cap"], precision=sc.precision,
+                        impl="triton")
+        out.backward(torch.empty_like(out))
+        return
     flash_attention_triton(q, k, v, q_pos, key_valid, scale=ATTN["scale"], cap=ATTN["cap"], precision=sc.precision)
 
 
@@ -337,8 +357,8 @@ def _describe(kernel: str, sig: dict, c: dict, options: dict, sc=None) -> str:
     dt = getattr(c.get("CDTYPE"), "name", "")
     if kernel == "_int8_linear_reduce_kernel":
         return f"linear-reduce-b{c['BLOCK']}"
-    if kernel in ("_int8_linear_kernel", "_flash_attn_kernel"):
-        return sc.name
+    if kernel == "_int8_linear_kernel" or kernel in _ATTN_KERNELS:
+        return sc.name + {"_flash_attn_bwd_dkdv_kernel": "-dkdv", "_flash_attn_bwd_dq_kernel": "-dq"}.get(kernel, "")
     if kernel == "_router_topk_kernel":
         return f"router-E{c['E_PAD']}-k{c['TOP_K']}"
     if kernel == "_align_kernel":

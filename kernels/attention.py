@@ -151,12 +151,14 @@ def attention(q, k, v, q_pos, key_valid, *, scale: float, cap: float, precision:
     """Grok-1 attention (module docstring): fp32 ``[B, T, Hq, dh]``; impl "auto" | "torch" | "triton"."""
     from . import resolve_impl  # the package's one rule for "auto" (and its GROK_MOE_IMPL override)
 
-    # the Triton kernel has no backward: when autograd records, the reference (differentiable
-    # blockwise ops) runs instead, so gradients are never silently dropped
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if needs_grad or resolve_impl(impl, q) == "torch":
+    if resolve_impl(impl, q) == "torch":
         return attention_reference(q, k, v, q_pos, key_valid, scale=scale, cap=cap, precision=precision,
                                    causal_offset=causal_offset)
-    from .flash_attention import flash_attention_triton  # the kernel bounds its key loop on the device
+    # the kernels bound their key loops on the device: causal_offset is not needed
+    from .flash_attention import flash_attention_triton, flash_attention_triton_autograd
 
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # training: the forward also writes each row's log-sum-exp and a Triton backward recomputes
+        # the probabilities from it (saved: q, k, v, out and the row statistics, no score tile)
+        return flash_attention_triton_autograd(q, k, v, q_pos, key_valid, scale=scale, cap=cap, precision=precision)
     return flash_attention_triton(q, k, v, q_pos, key_valid, scale=scale, cap=cap, precision=precision)

@@ -67,7 +67,8 @@ import triton.language as tl
 # Without a GPU the kernel runs only under the interpreter the user opts into (TRITON_INTERPRET=1, see ops.py).
 from . import require_launchable
 
-__all__ = ["AttnConfig", "attention_config", "flash_attention_triton"]
+__all__ = ["AttnConfig", "attention_config", "attention_bwd_config", "flash_attention_triton",
+           "flash_attention_triton_backward", "FlashAttention", "flash_attention_triton_autograd"]
 
 
 _KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -99,6 +100,8 @@ def _flash_attn_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands; ignored by bf16 dots
     BLOCK_M: tl.constexpr,  # rows per program: BLOCK_M // G tokens x G heads (the rest padding)
     BLOCK_N: tl.constexpr,  # keys per step
+    lse_ptr=None,  # *fp32 [B, T, Hq] contiguous: each row's log-sum-exp, written only when STATS
+    STATS: tl.constexpr = False,  # training: also write lse (inference passes neither: the same launch as before)
 ):
     NEG: tl.constexpr = -1e30
     TOK: tl.constexpr = BLOCK_M // G
@@ -160,6 +163,168 @@ def _flash_attn_kernel(
     o = acc / tl.where(row_ok, l_i, 1.0)[:, None]
     tl.store(o_ptr + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :], o,
              mask=row_ok[:, None] & d_ok[None, :])
+    if STATS:
+        # The backward recomputes p = exp(s - lse). A row with no visible key stores exactly -1e30 (its
+        # m + log(l) rounds to that in fp32 anyway): the backward reads it as "p = 1/S on every key".
+        lse = tl.where(needy, NEG, m_i + tl.log(tl.where(row_ok, l_i, 1.0)))
+        tl.store(lse_ptr + (b * T + t) * (tl.num_programs(1) * G) + h, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_probs(s, visible, inside, lse, S, tanh_scale, cap, NEG: tl.constexpr):
+    """(p, dcap) of a tile of raw scores q.k with the forward's semantics, in either orientation (the
+    masks and the rows' log-sum-exp come broadcast to the tile): p the softmax probability from the
+    stored lse, dcap the derivative of the soft cap (scale excluded). A row with no visible key (lse
+    == -1e30) gets p = 1/S on every key; padding rows and keys past S (`inside` false) get 0."""
+    sig = tl.sigmoid(s * tanh_scale)
+    sc = cap * (2.0 * sig - 1.0)
+    # d(cap * tanh(x / cap))/dx = 1 - tanh^2 = 4 sig (1 - sig): no cancellation where the cap saturates
+    dcap = 4.0 * sig * (1.0 - sig)
+    # masked scores are -1e30: exp(-1e30 - lse) == 0 for every row with a visible key (lse >= -cap)
+    p = tl.exp(tl.where(visible, sc, NEG) - lse)
+    p = tl.where(lse == NEG, 1.0 / S, p)
+    return tl.where(inside, p, 0.0), dcap
+
+
+@triton.jit
+def _flash_attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr,  # as the forward
+    do_ptr,  # *fp32 [B, T, Hq, dh] contiguous: dL/d out
+    lse_ptr,  # *fp32 [B, T, Hq] contiguous: the forward's log-sum-exp (-1e30: no visible key)
+    delta_ptr,  # *fp32 [B, T, Hq] contiguous: rowsum(dO * O)
+    dq_ptr,  # *fp32 [B, T, Hq, dh] contiguous (do's strides) out
+    T, S, tanh_scale, cap,
+    scale,  # the score scale (dq = scale * dS_raw @ K)
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_pb, stride_pt,
+    stride_mb, stride_ms,
+    stride_db, stride_dt, stride_dh,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, DH: tl.constexpr, OPERAND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program (BLOCK_M // G tokens x G heads, as the forward)
+    BLOCK_N: tl.constexpr,  # keys per step
+):
+    """dQ, query-block-major: a program owns its rows' dq and walks the keys up to its largest position
+    (keys past it have p = 0; rows without a visible key have constant scores and dq = 0)."""
+    NEG: tl.constexpr = -1e30
+    TOK: tl.constexpr = BLOCK_M // G
+    kvh = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    Hq = tl.num_programs(1) * G
+
+    r = tl.arange(0, BLOCK_M)
+    t = tl.program_id(0) * TOK + r // G
+    h = kvh * G + r % G
+    row_ok = (r < TOK * G) & (t < T)
+    d = tl.arange(0, DH)
+    d_ok = d < HEAD_DIM
+    rd_ok = row_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
+                mask=rd_ok, other=0.0).to(OPERAND)
+    do = tl.load(do_ptr + b * stride_db + t[:, None] * stride_dt + h[:, None] * stride_dh + d[None, :],
+                 mask=rd_ok, other=0.0).to(OPERAND)
+    lse = tl.load(lse_ptr + (b * T + t) * Hq + h, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + (b * T + t) * Hq + h, mask=row_ok, other=0.0)
+    pos = tl.load(pos_ptr + b * stride_pb + t * stride_pt, mask=row_ok, other=-1)
+    pos = tl.minimum(tl.maximum(pos, -1), S - 1).to(tl.int32)
+    n_end = tl.max(pos, axis=0) + 1
+    uniform = lse == NEG
+
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    valid_base = valid_ptr + b * stride_mb
+    dq = tl.zeros([BLOCK_M, DH], tl.float32)
+    for start in range(0, n_end, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        in_s = j < S
+        kt = tl.load(k_base + j[None, :] * stride_ks + d[:, None], mask=in_s[None, :] & d_ok[:, None],
+                     other=0.0).to(OPERAND)  # [DH, BLOCK_N]
+        vt = tl.load(v_base + j[None, :] * stride_vs + d[:, None], mask=in_s[None, :] & d_ok[:, None],
+                     other=0.0).to(OPERAND)
+        ok = tl.load(valid_base + j * stride_ms, mask=in_s, other=0) != 0
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        visible = ok[None, :] & (j[None, :] <= pos[:, None])
+        p, dcap = _bwd_probs(s, visible, row_ok[:, None] & in_s[None, :], lse[:, None], S, tanh_scale, cap, NEG)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        ds = tl.where(uniform[:, None], 0.0, p * (dp - delta[:, None]) * dcap)
+        dq = tl.dot(ds.to(OPERAND), tl.trans(kt), dq, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+
+    tl.store(dq_ptr + b * stride_db + t[:, None] * stride_dt + h[:, None] * stride_dh + d[None, :], dq * scale,
+             mask=rd_ok)
+
+
+@triton.jit
+def _flash_attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, do_ptr, lse_ptr, delta_ptr,  # as the dq kernel
+    dk_ptr, dv_ptr,  # *fp32 [B, S, Hkv, dh] contiguous (same strides) out
+    T, S, tanh_scale, cap, scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_pb, stride_pt,
+    stride_mb, stride_ms,
+    stride_db, stride_dt, stride_dh,
+    stride_gb, stride_gs, stride_gh,  # dk / dv
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, DH: tl.constexpr, OPERAND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per step (BLOCK_M // G tokens x the G q heads of the kv head)
+    BLOCK_N: tl.constexpr,  # keys per program
+):
+    """dK and dV, key-block-major: a program owns BLOCK_N keys of one (batch, kv head) and walks every
+    row block of its G q heads in order, so the sum over the group is in registers, in a fixed order
+    (deterministic, no atomics). Works in the transposed [keys, rows] orientation (FlashAttention-2)."""
+    NEG: tl.constexpr = -1e30
+    TOK: tl.constexpr = BLOCK_M // G
+    kvh = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    Hq = tl.num_programs(1) * G
+    j0 = tl.program_id(0) * BLOCK_N
+
+    j = j0 + tl.arange(0, BLOCK_N)
+    in_s = j < S
+    d = tl.arange(0, DH)
+    d_ok = d < HEAD_DIM
+    kd_ok = in_s[:, None] & d_ok[None, :]
+    kb = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + j[:, None] * stride_ks + d[None, :], mask=kd_ok,
+                 other=0.0).to(OPERAND)  # [BLOCK_N, DH]
+    vb = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + j[:, None] * stride_vs + d[None, :], mask=kd_ok,
+                 other=0.0).to(OPERAND)
+    ok = tl.load(valid_ptr + b * stride_mb + j * stride_ms, mask=in_s, other=0) != 0
+
+    r = tl.arange(0, BLOCK_M)
+    dk = tl.zeros([BLOCK_N, DH], tl.float32)
+    dv = tl.zeros([BLOCK_N, DH], tl.float32)
+    for t0 in range(0, T, TOK):
+        t = t0 + r // G
+        h = kvh * G + r % G
+        row_ok = (r < TOK * G) & (t < T)
+        pos = tl.load(pos_ptr + b * stride_pb + t * stride_pt, mask=row_ok, other=-1)
+        pos = tl.minimum(tl.maximum(pos, -1), S - 1).to(tl.int32)
+        lse = tl.load(lse_ptr + (b * T + t) * Hq + h, mask=row_ok, other=0.0)
+        uniform = row_ok & (lse == NEG)
+        # skip a row block that sees none of these keys (causal: blocks before the keys) unless a row
+        # of it has no visible key at all: such a row still gives every key dV += dO / S
+        if (tl.max(pos, axis=0) >= j0) | (tl.max(uniform.to(tl.int32), axis=0) > 0):
+            rd_ok = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
+                        mask=rd_ok, other=0.0).to(OPERAND)  # [BLOCK_M, DH]
+            do = tl.load(do_ptr + b * stride_db + t[:, None] * stride_dt + h[:, None] * stride_dh + d[None, :],
+                         mask=rd_ok, other=0.0).to(OPERAND)  # [BLOCK_M, DH]
+            delta = tl.load(delta_ptr + (b * T + t) * Hq + h, mask=row_ok, other=0.0)
+            st = tl.dot(kb, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=tl.float32)  # [BLOCK_N, BLOCK_M]
+            visible = ok[:, None] & (j[:, None] <= pos[None, :])
+            pt, dcap = _bwd_probs(st, visible, in_s[:, None] & row_ok[None, :], lse[None, :], S, tanh_scale, cap, NEG)
+            dv = tl.dot(pt.to(OPERAND), do, dv, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+            dpt = tl.dot(vb, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=tl.float32)
+            dst = tl.where(uniform[None, :], 0.0, pt * (dpt - delta[None, :]) * dcap)
+            dk = tl.dot(dst.to(OPERAND), q, dk, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+
+    g_off = b * stride_gb + kvh * stride_gh + j[:, None] * stride_gs + d[None, :]
+    tl.store(dk_ptr + g_off, dk * scale, mask=kd_ok)
+    tl.store(dv_ptr + g_off, dv, mask=kd_ok)
 
 
 @dataclass(frozen=True)
@@ -193,20 +358,27 @@ def attention_config(T: int, G: int, dh: int, precision: str, kv_bytes: int) -> 
                       num_stages=2 if kv_bytes == 4 else 1)
 
 
+def attention_bwd_config(G: int, dh: int, precision: str) -> tuple[AttnConfig, AttnConfig]:
+    """(dK/dV tiles, dQ tiles) of the backward. dK/dV: BLOCK_N keys per program (their dk, dv
+    accumulators live in registers all along) and BLOCK_M rows (tokens x G heads) per step; dQ:
+    BLOCK_M rows per program, BLOCK_N keys per step. Untuned; at Grok-1 shapes every choice compiles
+    for sm_90 without register spills (grok_torch.kernels.aot, kind attn-train).
+    """
+    rows = lambda m: max(m, triton.next_power_of_2(G))  # noqa: E731  (a step holds every head of a token)
+    if precision == "bf16":  # dk, dv [64, dh] fp32 in registers: 8 warps (4 spill), 32-row steps (64 spill)
+        return (AttnConfig(block_m=rows(32), block_n=64, num_warps=8, num_stages=2),
+                AttnConfig(block_m=rows(64), block_n=32, num_warps=8, num_stages=2))
+    # exact fp32 (FMA dots): 32 keys per dk/dv program spill at dh = 128, 16 do not
+    return (AttnConfig(block_m=rows(32), block_n=16, num_warps=8, num_stages=1),
+            AttnConfig(block_m=rows(32), block_n=16, num_warps=4, num_stages=1))
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
 
 
-def flash_attention_triton(q, k, v, q_pos, key_valid, *, scale: float, cap: float,
-                           precision: str = "fp32") -> torch.Tensor:
-    """Grok-1 attention (see the module docstring) with one kernel launch; returns fp32 [B, T, Hq, dh].
-
-    q [B, T, Hq, dh] fp32/bf16; k, v [B, S, Hkv, dh] fp32/bf16/fp16 (views of a longer KV cache are
-    fine: every stride is passed, only the last dim must be contiguous); q_pos [B, T] int64/int32 on
-    the device; key_valid [B, S] bool. Hq % Hkv == 0; dh <= 256 (padded to a power of two >= 16 in
-    registers). No host sync.
-    """
+def _check_inputs(q, k, v, q_pos, key_valid, precision, cap) -> None:
     _check(precision in _PRECISIONS, f"precision must be 'fp32' or 'bf16', got {precision!r}")
     _check(q.dim() == 4, f"q must be [B, T, Hq, dh], got {list(q.shape)}")
     _check(k.dim() == 4, f"k must be [B, S, Hkv, dh], got {list(k.shape)}")
@@ -230,14 +402,37 @@ def flash_attention_triton(q, k, v, q_pos, key_valid, *, scale: float, cap: floa
         _check(x.device == q.device, f"{name} is on {x.device}, q on {q.device}")
     _check(cap > 0 and cap != float("inf"), f"cap must be a finite positive float, got {cap}")
 
+
+def _dh_pad(dh: int) -> int:
+    return max(16, triton.next_power_of_2(dh))
+
+
+def flash_attention_triton(q, k, v, q_pos, key_valid, *, scale: float, cap: float,
+                           precision: str = "fp32", return_stats: bool = False):
+    """Grok-1 attention (see the module docstring) with one kernel launch; returns fp32 [B, T, Hq, dh].
+
+    q [B, T, Hq, dh] fp32/bf16; k, v [B, S, Hkv, dh] fp32/bf16/fp16 (views of a longer KV cache are
+    fine: every stride is passed, only the last dim must be contiguous); q_pos [B, T] int64/int32 on
+    the device; key_valid [B, S] bool. Hq % Hkv == 0; dh <= 256 (padded to a power of two >= 16 in
+    registers). No host sync.
+
+    return_stats (training): returns (out, lse) with lse fp32 [B, T, Hq] each row's log-sum-exp of its
+    scores (exactly -1e30 for a row with no visible key), the input of `flash_attention_triton_backward`.
+    The same kernel writes it (constexpr STATS); without it the launch is the inference one, unchanged.
+    """
+    _check_inputs(q, k, v, q_pos, key_valid, precision, cap)
+    B, T, Hq, dh = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
     out = torch.empty(B, T, Hq, dh, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, T, Hq, dtype=torch.float32, device=q.device) if return_stats else None
     if B * T == 0:
-        return out
+        return (out, lse) if return_stats else out
     G = Hq // Hkv
     cfg = attention_config(T, G, dh, precision, max(k.element_size(), v.element_size()))
     operand, dot_precision = _PRECISIONS[precision]
     grid = (triton.cdiv(T, cfg.block_m // G), Hkv, B)
     require_launchable(_flash_attn_kernel, q.device, "flash_attention_triton")
+    stats = dict(lse_ptr=lse, STATS=True) if return_stats else {}  # absent at inference: the launch is unchanged
     _flash_attn_kernel[grid](
         q, k, v, q_pos, key_valid, out, T, S, 2.0 * float(scale) / float(cap), float(cap),
         q.stride(0), q.stride(1), q.stride(2),
@@ -246,8 +441,84 @@ def flash_attention_triton(q, k, v, q_pos, key_valid, *, scale: float, cap: floa
         q_pos.stride(0), q_pos.stride(1),
         key_valid.stride(0), key_valid.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        G=G, HEAD_DIM=dh, DH=max(16, triton.next_power_of_2(dh)), OPERAND=operand, DOT_PRECISION=dot_precision,
+        G=G, HEAD_DIM=dh, DH=_dh_pad(dh), OPERAND=operand, DOT_PRECISION=dot_precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **stats,
     )
-    return out
+    return (out, lse) if return_stats else out
+
+
+def flash_attention_triton_backward(do, q, k, v, q_pos, key_valid, out, lse, *, scale: float, cap: float,
+                                    precision: str = "fp32", need_dq: bool = True, need_dkv: bool = True):
+    """(dq, dk, dv) fp32 (None where not needed) of Grok-1 attention from dL/d out and the forward's
+    out and lse (`flash_attention_triton(..., return_stats=True)`). Two launches: dq query-block-major,
+    dk and dv key-block-major (each kv head's keys sum over its G q heads in one program: deterministic,
+    no atomics). D = rowsum(dO * O) is one torch reduction. Same precision modes as the forward. No host sync.
+    """
+    _check_inputs(q, k, v, q_pos, key_valid, precision, cap)
+    B, T, Hq, dh = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    _check(tuple(do.shape) == (B, T, Hq, dh), f"do must be [B, T, Hq, dh] = {[B, T, Hq, dh]}, got {list(do.shape)}")
+    _check(tuple(lse.shape) == (B, T, Hq) and lse.dtype == torch.float32 and lse.is_contiguous(),
+           f"lse must be contiguous fp32 [B, T, Hq] = {[B, T, Hq]}, got {list(lse.shape)} {lse.dtype}")
+    do = do.float().contiguous()
+    delta = (do * out).sum(-1)  # [B, T, Hq] fp32, contiguous
+    dq = torch.zeros_like(do) if need_dq else None  # zeros: B * T == 0 launches nothing
+    dk = torch.zeros(B, S, Hkv, dh, dtype=torch.float32, device=q.device) if need_dkv else None
+    dv = torch.zeros_like(dk) if need_dkv else None
+    if B * T == 0:
+        return dq, dk, dv
+    G = Hq // Hkv
+    cfg_kv, cfg_q = attention_bwd_config(G, dh, precision)
+    operand, dot_precision = _PRECISIONS[precision]
+    args = (q, k, v, q_pos, key_valid, do, lse, delta)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), q_pos.stride(0), q_pos.stride(1),
+               key_valid.stride(0), key_valid.stride(1), do.stride(0), do.stride(1), do.stride(2))
+    common = dict(G=G, HEAD_DIM=dh, DH=_dh_pad(dh), OPERAND=operand, DOT_PRECISION=dot_precision)
+    consts = (T, S, 2.0 * float(scale) / float(cap), float(cap), float(scale))
+    if need_dkv:
+        require_launchable(_flash_attn_bwd_dkdv_kernel, q.device, "flash_attention_triton_backward")
+        _flash_attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg_kv.block_n), Hkv, B)](
+            *args, dk, dv, *consts, *strides, dk.stride(0), dk.stride(1), dk.stride(2), **common,
+            BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, num_warps=cfg_kv.num_warps, num_stages=cfg_kv.num_stages,
+        )
+    if need_dq:
+        require_launchable(_flash_attn_bwd_dq_kernel, q.device, "flash_attention_triton_backward")
+        _flash_attn_bwd_dq_kernel[(triton.cdiv(T, cfg_q.block_m // G), Hkv, B)](
+            *args, dq, *consts, *strides, **common,
+            BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, num_warps=cfg_q.num_warps, num_stages=cfg_q.num_stages,
+        )
+    return dq, dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    """Grok-1 attention on the Triton kernels, forward and backward (gradients for q, k, v).
+
+    Saves q, k, v, out and the per-row log-sum-exp (no score tile): the backward recomputes the
+    probabilities block by block. Gradients come back in the inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_pos, key_valid, scale: float, cap: float, precision: str):
+        out, lse = flash_attention_triton(q, k, v, q_pos, key_valid, scale=scale, cap=cap, precision=precision,
+                                          return_stats=True)
+        ctx.save_for_backward(q, k, v, q_pos, key_valid, out, lse)
+        ctx.attn = (scale, cap, precision)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, q_pos, key_valid, out, lse = ctx.saved_tensors
+        scale, cap, precision = ctx.attn
+        need = ctx.needs_input_grad
+        dq, dk, dv = flash_attention_triton_backward(do, q, k, v, q_pos, key_valid, out, lse, scale=scale, cap=cap,
+                                                     precision=precision, need_dq=need[0], need_dkv=need[1] or need[2])
+        return (dq.to(q.dtype) if need[0] else None, dk.to(k.dtype) if need[1] else None,
+                dv.to(v.dtype) if need[2] else None, None, None, None, None, None)
+
+
+def flash_attention_triton_autograd(q, k, v, q_pos, key_valid, *, scale: float, cap: float, precision: str = "fp32"):
+    """`flash_attention_triton` with a Triton backward (FlashAttention.apply): for training."""
+    return FlashAttention.apply(q, k, v, q_pos, key_valid, float(scale), float(cap), precision)

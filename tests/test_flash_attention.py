@@ -14,6 +14,20 @@ the interpreter's bf16 arithmetic is wrong), on small shapes. Covers:
     fp32, for fp32) is compiled by tests/test_kernels_aot.py (grok_torch.kernels.aot); here, that its
     variants include every (T, precision, K/V dtype) launch at Grok-1 shapes;
   * on a GPU only: Grok-1 shapes (Hq=48, Hkv=8, dh=128, T=1 and 512, S=2048), fp32 and bf16.
+Backward (FlashAttention: forward with row log-sum-exp, dK/dV and dQ kernels; attention(impl="triton")
+while autograd records):
+  * a fp64 gradcheck of the dense oracle (fully masked rows included), the ground truth;
+  * dq, dk, dv equal the autograd of the dense fp32 formula (attention_dense) and of the blockwise
+    reference (attention_reference) for G = 1, 2, 3, dh 8, 16, 24 (not a power of two), T < S at a
+    causal offset (decode / a chunk at the end), left / right padding, invalid keys, B > 1, the cap
+    active, default and small tiles. Tolerance atol = 1e-5 * max|grad| (rtol 1e-4): measured at most
+    2.0e-6 * max|grad| against the fp64 oracle (dense fp32 autograd: 5e-7); the forward's tanh through
+    a sigmoid costs ~cap * 1e-7 on a score (~1e-6 of the output, as the forward tests allow);
+  * rows with no visible key: dq = 0 and no dk from them, exactly, and dv = dO / S on every key;
+  * the training forward's output is bit-identical to the inference one, the backward deterministic;
+  * the inference launch (no grad) is exactly the one before the backward existed (no statistics
+    written); training launches forward (+ lse), dK/dV, dQ, all on the meta device (no host sync);
+  * on a GPU only: Grok-1 shapes backward in fp32 and bf16.
 """
 import json
 import os
@@ -29,16 +43,16 @@ from grok_torch.kernels.flash_attention import AttnConfig, flash_attention_trito
 CAP = 30.0
 
 
-def oracle(q, k, v, q_pos, key_valid, scale, cap=CAP):
-    """The official semantics, dense, in fp32: capped scores, -1e30 mask, softmax over all S keys."""
+def oracle(q, k, v, q_pos, key_valid, scale, cap=CAP, dtype=torch.float32):
+    """The official semantics, dense, in fp32 (or `dtype`): capped scores, -1e30 mask, softmax over all S keys."""
     G = q.shape[2] // k.shape[2]
-    kk = k.float().repeat_interleave(G, dim=2)
-    vv = v.float().repeat_interleave(G, dim=2)
-    s = torch.einsum("bthd,bshd->bhts", q.float(), kk) * scale
+    kk = k.to(dtype).repeat_interleave(G, dim=2)
+    vv = v.to(dtype).repeat_interleave(G, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", q.to(dtype), kk) * scale
     s = cap * torch.tanh(s / cap)
     j = torch.arange(k.shape[1], device=q.device)
     visible = key_valid[:, None, None, :] & (j[None, None, None, :] <= q_pos[:, None, :, None])
-    s = torch.where(visible, s, torch.tensor(-1e30, device=q.device))
+    s = torch.where(visible, s, torch.tensor(-1e30, dtype=dtype, device=q.device))
     return torch.einsum("bhts,bshd->bthd", torch.softmax(s, dim=-1), vv)
 
 
@@ -98,11 +112,12 @@ def assert_close_fp32(out, ref, v):
 
 @pytest.fixture
 def tiles(monkeypatch):
-    """tiles(cfg): force a tile config (None: the default attention_config)."""
+    """tiles(cfg): force a tile config on every kernel, forward and backward (None: the defaults)."""
 
     def force(cfg):
         if cfg is not None:
             monkeypatch.setattr(fa, "attention_config", lambda *a, **k: cfg)
+            monkeypatch.setattr(fa, "attention_bwd_config", lambda *a, **k: (cfg, cfg))
 
     return force
 
@@ -257,10 +272,12 @@ def test_argument_errors(change, match):
 
 
 class _Recorder:
-    def __init__(self, log):
-        self.log = log
+    def __init__(self, log, name=None):
+        self.log, self.name = log, name
 
     def __getitem__(self, grid):
+        if self.name:
+            return lambda *args, **kwargs: self.log.append((self.name, grid, args, kwargs))
         return lambda *args, **kwargs: self.log.append((grid, args, kwargs))
 
 
@@ -339,3 +356,162 @@ def test_grok_shapes_on_gpu(T, precision):
         vscale = float(v.float().abs().max())
         torch.testing.assert_close(out, ref, atol=1e-2 * vscale, rtol=1e-2)
     assert torch.equal(out, flash_attention_triton(q, k, v, q_pos, valid, scale=scale, cap=CAP, precision=precision))
+
+
+# ---- backward ------------------------------------------------------------------------------------
+
+from grok_torch.kernels.attention import attention, attention_dense, attention_reference  # noqa: E402
+
+
+def _grads(fn, q, k, v, q_pos, valid, g, dtype=torch.float32):
+    """(out, dq, dk, dv) of sum(fn(q, k, v) * g), in fp64 for comparison."""
+    qq, kk, vv = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out = fn(qq, kk, vv, q_pos, valid)
+    (out * g.to(out.dtype)).sum().backward()
+    return [x.detach().double() for x in (out, qq.grad, kk.grad, vv.grad)]
+
+
+def assert_grads_close(got, want, what):
+    """fp32 gradients: atol 1e-5 of the largest |gradient| (see the module docstring), rtol 1e-4."""
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4, msg=lambda m: f"{what} {name}: {m}")
+
+
+def test_oracle_gradcheck_fp64():
+    """The dense oracle's autograd is the true derivative (fp64 finite differences), fully masked rows
+    (a left-padding query, a sequence with no valid key) and the cap included: the ground truth."""
+    g = torch.Generator().manual_seed(0)
+    B, T, Hq, Hkv, dh, S = 2, 3, 4, 2, 5, 5
+    q, k, v = (torch.randn(*sh, generator=g, dtype=torch.float64) * 2 for sh in ((B, T, Hq, dh), (B, S, Hkv, dh),
+                                                                                  (B, S, Hkv, dh)))
+    q_pos = torch.tensor([[-1, 1, 4], [2, 3, 4]])
+    valid = torch.tensor([[True, False, True, True, True], [False] * 5])
+    assert fully_masked(q_pos, valid).tolist() == [[True, False, False], [True, True, True]]
+    fn = lambda q, k, v: oracle(q, k, v, q_pos, valid, 3.0, dtype=torch.float64)  # noqa: E731  (cap active)
+    assert torch.autograd.gradcheck(fn, tuple(x.requires_grad_() for x in (q, k, v)), eps=1e-6, atol=1e-6)
+
+
+# (B, T, Hq, Hkv, dh, S, pattern, scale, why)
+BWD_CASES = [
+    (2, 11, 6, 2, 16, 11, "left-pad", 0.25, "G=3; left padding: fully masked rows"),
+    (2, 5, 4, 2, 16, 19, "interior", 0.25, "G=2; T < S: a chunk at causal offset 14, invalid keys"),
+    (3, 4, 2, 2, 24, 13, "decode", 0.25, "G=1, dh=24; T < S per sequence; a sequence with no valid key"),
+    (2, 9, 6, 2, 16, 9, "left-pad", 4.0, "the cap active"),
+    (2, 7, 3, 1, 8, 7, "right-pad", 0.3, "G=3 on one kv head, dh=8; a sequence of length 1"),
+]
+BWD_IDS = [f"B{c[0]}-T{c[1]}-G{c[2] // c[3]}-dh{c[4]}-S{c[5]}-{c[6]}-x{c[7]}" for c in BWD_CASES]
+
+
+@pytest.mark.parametrize("cfg", [None, SMALL], ids=["default-tiles", "small-tiles"])
+@pytest.mark.parametrize("B, T, Hq, Hkv, dh, S, pattern, scale, why", BWD_CASES, ids=BWD_IDS)
+def test_backward_matches_reference(tiles, B, T, Hq, Hkv, dh, S, pattern, scale, why, cfg):
+    tiles(cfg)
+    q, k, v, q_pos, valid, _ = make_inputs(B, T, Hq, Hkv, dh, S, pattern, seed=T + S)
+    k, v = k.contiguous(), v.contiguous()
+    g = torch.randn(B, T, Hq, dh, generator=torch.Generator().manual_seed(1))
+    kw = dict(scale=scale, cap=CAP)
+    got = _grads(lambda *a: attention(*a, **kw, impl="triton"), q, k, v, q_pos, valid, g)
+    assert_grads_close(got, _grads(lambda *a: attention_dense(*a, **kw), q, k, v, q_pos, valid, g), "dense")
+    blockwise = lambda *a: attention_reference(*a, **kw, block_q=3, block_k=4)  # noqa: E731  (online softmax)
+    assert_grads_close(got, _grads(blockwise, q, k, v, q_pos, valid, g), "reference")
+    assert_grads_close(got, _grads(lambda *a: oracle(*a, scale, dtype=torch.float64), q, k, v, q_pos, valid, g,
+                                   torch.float64), "fp64 oracle")
+    # training runs the inference kernel (plus the statistics): the same output, bit for bit
+    assert torch.equal(got[0].float(), flash_attention_triton(q, k, v, q_pos, valid, **kw))
+    masked = fully_masked(q_pos, valid)
+    if pattern in ("left-pad", "decode"):
+        assert masked.any(), why
+    assert torch.equal(got[1][masked], torch.zeros_like(got[1][masked]))  # constant scores: no dq
+
+
+def test_backward_fully_masked_rows(tiles):
+    """Every row without a visible key (all positions -1, or no valid key): p = 1/S on every key, so
+    dv = (sum of dO over the kv head's rows) / S, and the scores are the constant -1e30: dq = dk = 0."""
+    tiles(SMALL)
+    B, T, Hq, Hkv, dh, S = 2, 3, 6, 2, 16, 37
+    q, k, v, _, valid, _ = make_inputs(B, T, Hq, Hkv, dh, S, "interior", seed=4)
+    k, v = k.contiguous(), v.contiguous()
+    q_pos = torch.tensor([[-1, -1, -1], [5, 6, 36]])
+    valid[1] = False
+    assert fully_masked(q_pos, valid).all()
+    g = torch.randn(B, T, Hq, dh, generator=torch.Generator().manual_seed(2))
+    out, dq, dk, dv = _grads(lambda *a: attention(*a, scale=0.25, cap=CAP, impl="triton"), q, k, v, q_pos, valid, g)
+    assert not dq.any() and not dk.any()
+    want = g.double().view(B, T, Hkv, Hq // Hkv, dh).sum((1, 3))[:, None].expand(B, S, Hkv, dh) / S
+    torch.testing.assert_close(dv, want, atol=1e-6, rtol=1e-6)
+
+
+def test_backward_deterministic(tiles):
+    tiles(SMALL)
+    q, k, v, q_pos, valid, _ = make_inputs(2, 11, 6, 2, 16, 11, "left-pad", seed=3)
+    g = torch.randn(2, 11, 6, 16, generator=torch.Generator().manual_seed(3))
+    runs = [_grads(lambda *a: attention(*a, scale=0.25, cap=CAP, impl="triton"), q, k.contiguous(), v.contiguous(),
+                   q_pos, valid, g) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# The positional arguments and keywords of the inference launch before the backward existed.
+_INFERENCE_KWARGS = {"G", "HEAD_DIM", "DH", "OPERAND", "DOT_PRECISION", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+
+
+def _record(monkeypatch):
+    log = []
+    for name in ("_flash_attn_kernel", "_flash_attn_bwd_dkdv_kernel", "_flash_attn_bwd_dq_kernel"):
+        monkeypatch.setattr(fa, name, _Recorder(log, name))
+    return log
+
+
+@pytest.mark.parametrize("grad", ["no-grad", "inputs-without-grad"])
+def test_inference_launch_is_unchanged(monkeypatch, grad):
+    """Without autograd recording, attention(impl="triton") launches the forward kernel exactly as
+    before the backward existed: 26 positional arguments, the same keywords, no statistics buffer and
+    no STATS switch (so the compiled kernel is the inference one: sync-free, graph-capturable)."""
+    log = _record(monkeypatch)
+    m = dict(device="meta")
+    q = torch.empty(1, 512, 48, 128, **m, requires_grad=grad == "no-grad")
+    kv = torch.empty(1, 512, 8, 128, **m)
+    with torch.set_grad_enabled(grad != "no-grad"):
+        attention(q, kv, kv, torch.empty(1, 512, dtype=torch.long, **m), torch.empty(1, 512, dtype=torch.bool, **m),
+                  scale=128 ** -0.5, cap=CAP, impl="triton")
+    (name, grid, args, kwargs), = log
+    assert name == "_flash_attn_kernel" and grid == (103, 8, 1)
+    assert len(args) == 26 and set(kwargs) == _INFERENCE_KWARGS
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_launches_are_shape_only(monkeypatch, precision):
+    """While autograd records: the forward with lse (STATS), then dK/dV (grid: key blocks, kv heads,
+    batch) and dQ (token blocks, kv heads, batch), all on the meta device (no host read)."""
+    log = _record(monkeypatch)
+    m = dict(device="meta")
+    q, k, v = (torch.empty(2, 512, h, 128, **m, requires_grad=True) for h in (48, 8, 8))
+    out = attention(q, k, v, torch.empty(2, 512, dtype=torch.long, **m), torch.empty(2, 512, dtype=torch.bool, **m),
+                    scale=128 ** -0.5, cap=CAP, precision=precision, impl="triton")
+    out.backward(torch.empty_like(out))
+    assert [name for name, *_ in log] == ["_flash_attn_kernel", "_flash_attn_bwd_dkdv_kernel", "_flash_attn_bwd_dq_kernel"]
+    (_, _, fargs, fkw), (_, kv_grid, _, kv_kw), (_, q_grid, _, q_kw) = log
+    assert len(fargs) == 26 and fkw["STATS"] is True and tuple(fkw["lse_ptr"].shape) == (2, 512, 48)
+    kv_cfg, q_cfg = fa.attention_bwd_config(6, 128, precision)
+    assert kv_grid == (512 // kv_cfg.block_n, 8, 2) and q_grid == (-(-512 // (q_cfg.block_m // 6)), 8, 2)
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and Grok-1 shapes need a GPU (the interpreter is slow and wrong on bf16)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_backward_grok_shapes_on_gpu(precision):
+    """Grok-1 heads (48 / 8 of 128), T = S = 512 with left padding, fp32 K/V as the model trains:
+    the Triton gradients against the dense fp32 autograd (bf16: the dots on bf16 operands)."""
+    B, T, S = 2, 512, 512
+    q, k, v, q_pos, valid, _ = make_inputs(B, T, 48, 8, 128, S, "left-pad", max_len=S, seed=7, device="cuda")
+    g = torch.randn(B, T, 48, 128, generator=torch.Generator().manual_seed(1)).cuda()
+    kw = dict(scale=128 ** -0.5, cap=CAP)
+    got = _grads(lambda *a: attention(*a, **kw, precision=precision, impl="triton"), q, k, v, q_pos, valid, g)
+    torch.cuda.synchronize()
+    if precision == "fp32":
+        assert_grads_close(got, _grads(lambda *a: attention_dense(*a, **kw), q, k, v, q_pos, valid, g), "dense")
+    else:  # the reference on the bf16-rounded operands; p and dS are rounded to bf16 too, in the dots
+        want = _grads(lambda *a: attention_reference(*a, **kw, precision="bf16"), q, k, v, q_pos, valid, g)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()), rtol=2e-2, msg=lambda m: f"{name}: {m}")
+    again = _grads(lambda *a: attention(*a, **kw, precision=precision, impl="triton"), q, k, v, q_pos, valid, g)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))

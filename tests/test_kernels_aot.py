@@ -16,6 +16,8 @@ and attention over a bf16 cache, fp32 and bf16 precision); under CI (or with GRO
 variant: MoE bf16/fp16/fp32, float and int8, atomic combine, frozen-expert, full and expert-LoRA training
 (the LoRA low-rank GEMMs are exact fp32, so FMA, at every compute dtype); the projections'
 grad_input (transposed) products; attention over fp32/fp16 caches, speculative decode, no cache.
+Attention training (kind attn-train: the forward with its row statistics, the dK/dV and dQ backward
+kernels, fp32 and bf16, dh 128, G 6) is compiled on the release path too (seq 4096; --full adds 512 to 8192).
 * The README's `python -m grok_torch.kernels.aot --full --table` runs as a user runs it, with no
   TRITON_INTERPRET in the environment (issue #11: importing the kernels used to set it on CPU-only
   machines, and the tool crashed on interpreter objects); by default a fast subset of it
@@ -56,6 +58,8 @@ def test_attention_shapes_are_grok1s():
 
 
 def test_scenario_names():
+    assert {sc.name for sc in aot.scenarios(kinds=("attn-train",))} == {
+        "attn-train-T4096-S4096-fp32kv-fp32", "attn-train-T4096-S4096-fp32kv-bf16"}
     names = {sc.name for sc in aot.scenarios(kinds=("linear", "attn"))}
     assert {"linear-wq-T1-fp32", "linear-wo-T4096-bf16", "attn-decode-S8192-bf16cache-fp32",
             "attn-prefill-T8192-S8192-bf16cache-bf16"} <= names
@@ -107,6 +111,21 @@ def test_attention_launches_are_shape_only():
     assert _launches(aot.AttnScenario(512, "bf16cache", "bf16")) == [("_flash_attn_kernel", (25, 8, 1))]
     _, _, args, _ = aot.record_launches(aot.AttnScenario(512, "fp32kv", "fp32"))[0]
     assert args[7] == 512  # S = T without a cache
+
+
+def test_attention_training_launches_are_shape_only():
+    """Training (attention(impl="triton") with q, k, v requiring grad, as the model calls it): the
+    forward with its row statistics, then the dK/dV kernel (key blocks, kv heads, batch) and the dQ
+    kernel (token blocks, kv heads, batch); no inference launch is changed by it."""
+    from grok_torch.kernels.flash_attention import attention_bwd_config
+
+    calls = aot.record_launches(aot.AttnScenario(4096, "fp32kv", "bf16", train=True))
+    assert [fn.__name__ for fn, *_ in calls] == ["_flash_attn_kernel", "_flash_attn_bwd_dkdv_kernel",
+                                                 "_flash_attn_bwd_dq_kernel"]
+    kv, q = attention_bwd_config(6, 128, "bf16")
+    assert calls[0][3]["STATS"] is True and calls[1][1] == (4096 // kv.block_n, 8, 1)
+    assert calls[2][1] == (-(-4096 // (q.block_m // 6)), 8, 1)
+    assert "STATS" not in aot.record_launches(aot.AttnScenario(4096, "fp32kv", "bf16"))[0][3]
 
 
 @pytest.mark.parametrize("read", ["item", "nonzero"])
@@ -176,6 +195,9 @@ def test_compiles_for_sm90(full):
     assert {"_int8_linear_kernel", "_int8_linear_reduce_kernel", "_flash_attn_kernel"} <= kernels
     assert {f"{n}-{p}" for n in ("linear-wq-T1", "linear-wq-T64", "attn-decode-S8192-bf16cache",
                                  "attn-prefill-T512-S8192-bf16cache") for p in ("fp32", "bf16")} <= names
+    # attention training at Grok-1 shapes (dh 128, G 6): forward + statistics, dK/dV, dQ, fp32 and bf16
+    assert {"_flash_attn_bwd_dkdv_kernel", "_flash_attn_bwd_dq_kernel"} <= kernels
+    assert {f"attn-train-T4096-S4096-fp32kv-{p}{k}" for p in ("fp32", "bf16") for k in ("", "-dkdv", "-dq")} <= names
     if full:
         assert {"up-train", "down-atomic", "bwd-dA", "bwd-dx"} <= roles and "_moe_wgrad_kernel" in kernels
         assert {"up-lora", "up-lora-train", "down-lora", "down-atomic-lora", "lora-bwd-dA", "lora-bwd-dx"} <= roles
@@ -199,6 +221,9 @@ def test_compiles_for_sm90(full):
         if r["kernel"] in ("_int8_linear_kernel", "_flash_attn_kernel") and r["cdtype"] == "bf16":
             # Hopper warpgroup MMA at 64+ row tiles (prefill, T=8 speculative decode), mma.sync below
             assert (r["wgmma"] if r["block_m"] >= 64 else r["mma"]) > 0, r
+        if r["kernel"] in ("_flash_attn_bwd_dkdv_kernel", "_flash_attn_bwd_dq_kernel") and r["cdtype"] == "bf16":
+            # dK/dV: its products have the 64 keys as M; dQ: 64 rows
+            assert r["wgmma"] > 0, r
     # Hopper warpgroup MMA where the tiles allow it (64+ rows): the prefill GEMMs
     prefill = [r for r in results if r["kernel"] == "_moe_gemm_kernel" and "-m128n" in r["name"] and r["cdtype"] == "bf16"]
     assert prefill and all(r["wgmma"] > 0 for r in prefill), prefill

@@ -35,10 +35,10 @@ gradients + AdamW moments exactly (tensor sizes), the part that stays between st
 
 GPU (only when torch.cuda.is_available()): every row with impl "triton" and impl "torch" (the
 reference). What runs where with impl "triton" while training (grok_torch as of this benchmark): the
-int8/float attention projections on the Triton GEMM (backward too); the attention core on the
-reference whenever autograd records (the flash kernel is forward-only); the MoE on Triton with its
-backward, expert LoRA adapters included (only adapter dropout > 0 falls back to the reference, with a
-warning that the output reports per row).
+int8/float attention projections on the Triton GEMM (backward too); the attention core on the Triton
+flash kernels, forward (with its row log-sum-exp) and backward (kernels/flash_attention.py); the MoE
+on Triton with its backward, expert LoRA adapters included (only adapter dropout > 0 falls back to
+the reference, with a warning that the output reports per row).
 
 Grok-1 estimate (``grok1_lora_estimate``; printed with every run): per GPU of 8 x 80 GB, device_map
 "experts" (GPU j: layers 8j..8j+7 home, expert j of every layer): weights = grok_torch.plan's
@@ -51,10 +51,14 @@ loss's softmax: grok-finetune's --loss-chunk, default 1024, recomputes each chun
 planner's 1.5 GiB reserve. One layer's recomputed activations are the tensors autograd saves in one
 layer's forward, counted with torch.autograd.graph.saved_tensors_hooks on a probe layer run here
 (Grok-1's attention shapes, d_model and ffn / 8, seq 2048, bf16, the reference kernels, LoRA on attn
-+ experts) and scaled to Grok-1 by shape: attention core by visited score-tile area, MoE rows by
-routed rows per GPU x 8, dequantised expert-weight copies by matrix size, the rest by tokens (x 8
-where the last dim is d_model). It is an ESTIMATE FROM SHAPES, not a measurement on GPUs; the
-backward's own transient buffers (gradients of one layer's activations) are not in it.
++ experts) and scaled to Grok-1 by shape: MoE rows by routed rows per GPU x 8, dequantised
+expert-weight copies by matrix size, the rest by tokens (x 8 where the last dim is d_model). The
+attention core (--attention, default "triton", what impl "auto" runs on a GPU) is counted from
+shapes: the flash kernels' autograd Function saves q, k, v, out (fp32) and one fp32 log-sum-exp per
+row, no score tile (an upper bound: q, k, v, out may also be saved by the neighbouring ops); with
+"torch" (the blockwise reference) it is the probe's saved score tiles scaled by visited tile area.
+It is an ESTIMATE FROM SHAPES, not a measurement on GPUs; the backward's own transient buffers
+(gradients of one layer's activations, the flash backward's D = rowsum(dO * O)) are not in it.
 """
 from __future__ import annotations
 
@@ -249,7 +253,7 @@ def gpu_note(row: str, impl: str) -> str:
         return "all Triton (int8 GEMM, flash attention, fused MoE)"
     moe = ("MoE base + expert LoRA: reference (no Triton adapters yet)" if SPEC[row][1] == "lora"
            else "MoE: Triton fwd + bwd")
-    return f"projections: Triton GEMM; attention core: reference (flash is forward-only); {moe}"
+    return f"projections: Triton GEMM; attention core: Triton flash fwd + bwd; {moe}"
 
 
 def run_row(name: str, row: str, steps: int, *, dtype=torch.bfloat16, device: str = "cpu", impl: str = "auto",
@@ -316,6 +320,14 @@ def ratios(rows: list[dict]) -> list[dict]:
 PROBE = dict(d_model=768, num_layers=1, num_q_heads=48, num_kv_heads=8, head_dim=128, widening_factor=8,
              num_experts=8, num_experts_per_tok=2, vocab_size=512, max_seq_len=8192)  # ffn 4096 = 32768 / 8
 PROBE_SEQ = 2048
+
+
+def flash_saved_bytes(cfg: GrokConfig, T: int, B: int = 1) -> int:
+    """Bytes the Triton attention (flash_attention.FlashAttention) saves for its backward in one
+    layer: q and out [B, T, Hq, dh] fp32, k and v [B, T, Hkv, dh] fp32 (no cache while training),
+    the row log-sum-exp [B, T, Hq] fp32, q_pos [B, T] int64 and key_valid [B, T] bool."""
+    Hq, Hkv, dh = cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
+    return 4 * B * T * (2 * Hq * dh + 2 * Hkv * dh + Hq) + 8 * B * T + B * T
 
 
 def visited_tile_area(T: int, Hq: int, B: int = 1) -> int:
@@ -404,7 +416,7 @@ def adapter_params_per_device(cfg: GrokConfig, gpus: int, rank: int) -> list[int
 
 
 def grok1_lora_estimate(gpus: int = 8, gpu_mem: float = 80e9, seq: int = 4096, batch: int = 1, rank: int = 8,
-                        reserve: float = 1.5 * 2**30, probe: Optional[dict] = None) -> dict:
+                        reserve: float = 1.5 * 2**30, probe: Optional[dict] = None, attention: str = "triton") -> dict:
     """Per-GPU memory of LoRA fine-tuning of Grok-1 (int8, split "experts"); see the module docstring."""
     cfg = GrokConfig.from_name("grok-1")
     pc = GrokConfig(name="probe", **PROBE)
@@ -414,9 +426,15 @@ def grok1_lora_estimate(gpus: int = 8, gpu_mem: float = 80e9, seq: int = 4096, b
     d_ratio = D / pc.d_model
     assert cfg.ffn_size / pc.ffn_size == d_ratio and (cfg.num_q_heads, cfg.head_dim) == (pc.num_q_heads, pc.head_dim)
     rows_g, rows_s = T * k / E * (E // gpus), Ts * pc.num_experts_per_tok  # routed rows per GPU (uniform routing)
+    if attention == "triton":  # flash kernels: inputs, output and row statistics only
+        attn = ("attention core (Triton: q, k, v, out, lse)", flash_saved_bytes(cfg, seq, batch))
+    elif attention == "torch":  # the blockwise reference: its score tiles, scaled by visited area
+        attn = ("attention core (reference: score tiles)", probe["attention"] * visited_tile_area(seq, cfg.num_q_heads, batch)
+                / visited_tile_area(Ts, pc.num_q_heads))
+    else:
+        raise ValueError(f"attention must be 'triton' or 'torch', got {attention!r}")
     layer = {
-        "attention core": probe["attention"] * visited_tile_area(seq, cfg.num_q_heads, batch)
-        / visited_tile_area(Ts, pc.num_q_heads),
+        attn[0]: attn[1],
         "MoE rows": probe["moe_rows"] * rows_g / rows_s * d_ratio,
         "dequantised expert copies": probe["weight_copies"] * (cfg.d_model * cfg.ffn_size) / (pc.d_model * pc.ffn_size)
         * (E // gpus) / pc.num_experts,
@@ -442,7 +460,7 @@ def grok1_lora_estimate(gpus: int = 8, gpu_mem: float = 80e9, seq: int = 4096, b
     fits = worst["total"] <= gpu_mem
     verdict = (f"{'FITS' if fits else 'DOES NOT FIT'}: the fullest GPU ({worst['gpu']}) needs {worst['total'] / 1e9:.1f} "
                f"of {gpu_mem / 1e9:.0f} GB ({(gpu_mem - worst['total']) / 1e9:+.1f} GB left)")
-    return dict(gpus=gpus, gpu_mem=gpu_mem, seq=seq, batch=batch, rank=rank, layer=layer, probe=probe,
+    return dict(gpus=gpus, gpu_mem=gpu_mem, seq=seq, batch=batch, rank=rank, layer=layer, probe=probe, attention=attention,
                 devices=devices, fits=fits, verdict=verdict, adapters_total=sum(adapters))
 
 
@@ -451,7 +469,9 @@ def estimate_markdown(est: dict) -> str:
     gb = lambda b: f"{b / 1e9:.2f}"  # noqa: E731
     lines = [f"**Estimate from shapes, not a measurement**: LoRA rank {est['rank']} (attn + experts) on the real "
              f"Grok-1 (int8), {est['gpus']} x {est['gpu_mem'] / 1e9:.0f} GB, device_map \"experts\", seq {est['seq']}, "
-             f"batch {est['batch']}, gradient checkpointing. Adapter parameters in all: {est['adapters_total']:,} "
+             f"batch {est['batch']}, gradient checkpointing, attention core on "
+             f"{'the Triton flash kernels' if est['attention'] == 'triton' else 'the blockwise reference'}. "
+             f"Adapter parameters in all: {est['adapters_total']:,} "
              f"({est['adapters_total'] * 4 / 1e9:.2f} GB fp32). GB = 1e9 bytes.", "",
              "| per GPU | GPU 0 (GB) | GPUs 1-7 (GB) |", "|---|---|---|"]
     for (name, a), b in zip(d0["terms"].items(), d1["terms"].values()):
@@ -521,6 +541,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="activation dtype (default bf16)")
     p.add_argument("--impls", default="triton,torch" if cuda else "torch", help="GPU: triton,torch")
     p.add_argument("--plan-only", action="store_true", help="only the Grok-1 estimate")
+    p.add_argument("--attention", choices=("triton", "torch"), default="triton",
+                   help="the estimate's attention core: Triton flash fwd + bwd (default, the GPU path) or the reference")
     p.add_argument("--md", default=None, help="write a dated markdown section for BENCHMARKS.md here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -569,7 +591,7 @@ def main(argv=None) -> int:
     for r in ratios(rows):
         print(f"{r['config']:>6} {r['impl']:>6} {r['row']:>13} / {r['vs']}: time {r['time']:.2f}, "
               f"peak memory {_num(r['mem'], '.2f')}")
-    est = grok1_lora_estimate()
+    est = grok1_lora_estimate(attention=a.attention)
     print(estimate_markdown(est))
     load = f"{load0:.1f} / {os.getloadavg()[0]:.1f}"
     text = markdown(rows, est, device=device, threads=threads, command=command, load=load, dtype=a.dtype)

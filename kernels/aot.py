@@ -4,9 +4,9 @@
     python -m grok_torch.kernels.aot --full     # every variant the wrappers can launch at Grok-1 shapes
     python -m grok_torch.kernels.aot --table    # the same as a table instead of JSON lines
     python -m grok_torch.kernels.aot --arch 80  # another target (default sm_90, the H100)
-    python -m grok_torch.kernels.aot --only attn,linear   # some kinds only: moe, linear, attn
+    python -m grok_torch.kernels.aot --only attn,linear   # some kinds only: moe, linear, attn, attn-train
 
-Three kinds of scenario, at Grok-1 shapes (d_model 6144; 48 q heads over 8 kv heads of 128):
+Four kinds of scenario, at Grok-1 shapes (d_model 6144; 48 q heads over 8 kv heads of 128):
   * moe: `fused_moe_triton` (routing, grouped GEMMs, combine; backward when training), F = 32768 and
     4096. Release: int8 weights, bf16 compute, inference. --full: bf16/fp16/fp32, int8 and float
     weights, the atomic combine, frozen experts (x grads only), full training (weight grads) and
@@ -20,6 +20,10 @@ Three kinds of scenario, at Grok-1 shapes (d_model 6144; 48 q heads over 8 kv he
     preallocated bf16 KV cache (S=8192), prefill T=512/2048/8192 over it, precision fp32 and bf16.
     --full adds fp32 and fp16 caches, speculative decode (T=4, 8), and prefill without a cache (fp32
     K/V of the T tokens themselves, S = T).
+  * attn-train: `attention(impl="triton")` while autograd records, as the model trains (fp32 q, k, v
+    requiring grad, no cache, S = T = 4096, precision fp32 and bf16): the forward with its row
+    statistics (STATS), then the backward's dK/dV (`-dkdv`) and dQ (`-dq`) kernels. --full adds T =
+    512, 2048, 8192 (the same kernels at other lengths).
 
 The variants are not a hand-kept list: `record_launches` runs the wrappers on the `meta` device with
 the kernel objects (in ops.py, flash_attention.py, int8_linear.py) swapped for recorders, so every

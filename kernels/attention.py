@@ -29,8 +29,11 @@ Without it (None) every key block is visited and no host value is needed: the sh
 nothing is read back to the host, and a CUDA graph can hold the call.
 
 Implementations: ``impl="torch"`` (this file, any device) or ``"triton"`` (``flash_attention.py``,
-CUDA, or the Triton interpreter); ``"auto"`` is Triton on CUDA. The kernel is forward-only: when
-autograd records (an input requires grad), the reference runs whatever ``impl`` says. ``precision="bf16"`` rounds q, k,
+CUDA, or the Triton interpreter); ``"auto"`` is Triton on CUDA. When autograd records (an input
+requires grad), ``"triton"`` runs ``flash_attention.FlashAttention``: the forward kernel also writes
+each row's log-sum-exp and Triton kernels compute dq, dk, dv from it (saved: q, k, v, out and the row
+statistics, no score tile); ``"torch"`` differentiates the reference's ops (which keeps its score tiles
+for the backward). ``precision="bf16"`` rounds q, k,
 p and v to bf16 for the two products (fp32 accumulation), the tensor-core form; ``"fp32"`` (the
 default, faithful to the official fp32-fused computation) keeps everything fp32.
 """

@@ -1,6 +1,7 @@
 """Triton flash attention with Grok-1's attention semantics (soft cap, -1e30 mask, GQA, KV cache).
 
     out = flash_attention_triton(q, k, v, q_pos, key_valid, scale=dh**-0.5, cap=30.0, precision="fp32")
+    out = flash_attention_triton_autograd(q, k, v, q_pos, key_valid, scale=..., cap=...)  # + Triton backward
 
 Semantics (the official Grok-1 attention, as math in fp32), for q [B, T, Hq, dh], k/v [B, S, Hkv, dh],
 G = Hq // Hkv (q head h reads kv head h // G: consecutive q heads share a kv head):
@@ -46,13 +47,38 @@ Design (Grok-1: Hq=48, Hkv=8, dh=128, S up to 8192; decode is T=1 with batch 1..
 Launch: grid (cdiv(T, BLOCK_M // G), Hkv, B), i.e. (token blocks, kv heads, batch); the positional
 arguments are the six tensors, T, S, 2*scale/cap, cap and the strides (every one of q, k, v, q_pos,
 key_valid, out but their last), then the constexprs G, DH, OPERAND, DOT_PRECISION, BLOCK_M, BLOCK_N
-and num_warps / num_stages from `attention_config`.
+and num_warps / num_stages from `attention_config`. Training adds lse_ptr and STATS=True (below);
+inference passes neither, so its launch and compiled kernel are what they were before the backward.
+
+Backward (training: `FlashAttention`, which attention(impl="triton") uses while autograd records):
+  * The forward (return_stats=True) also stores each row's log-sum-exp lse = m + log(l) (fp32
+    [B, T, Hq]); saved for the backward: q, k, v, out, lse (no score tile).
+  * FlashAttention-2: p = exp(s - lse) recomputed per tile, D = rowsum(dO * O) (one torch
+    reduction), dP = dO V^T, dS = p (dP - D), through the cap times 1 - tanh^2 = 4 sig (1 - sig) (sig
+    the forward's sigmoid: no cancellation where the cap saturates); dq = scale dS K, dk = scale dS^T q,
+    dv = p^T dO; masked entries have p = 0 exactly (exp(-1e30 - lse), lse >= -cap).
+  * Rows with no visible key: p = 1/S on every key, but -1e30 + log(S) == -1e30 in fp32, so exp(s -
+    lse) would give 1. Their lse is stored as exactly -1e30, which the backward reads as "uniform":
+    p = 1/S (dV += dO / S for every key j < S) and dS = 0 (the scores are the constant -1e30,
+    independent of q and k: no dq, no dk).
+  * `_flash_attn_bwd_dkdv_kernel`, key-block-major: grid (cdiv(S, BLOCK_N), Hkv, B); a program holds
+    its keys' dk, dv in registers and walks every row block of the kv head's G q heads in order, so
+    the GQA sum is in a fixed order (deterministic, no atomics). A row block that sees none of the
+    program's keys (j0 > every row's position: the causal half of a prefill) is skipped by a runtime
+    branch, unless one of its rows has no visible key (such a row adds dO / S to every key).
+  * `_flash_attn_bwd_dq_kernel`, query-block-major: the forward's grid and rows; the key loop stops
+    at the rows' largest position (no key beyond contributes to dq).
+  * Precision as the forward: "fp32" ieee dots; "bf16" rounds q, k, dO, v, p and dS to bf16 for the
+    five products, fp32 accumulation and fp32 elementwise math. Gradients return in the inputs' dtypes.
+  * Accuracy (fp32, tests/test_flash_attention.py): at most 2e-6 of max|grad| from a fp64 oracle,
+    against 5e-7 for torch's dense fp32 autograd (the forward's sigmoid tanh, ~cap * 1e-7 on a score).
 
 Accuracy: fp32 agrees with a dense fp32 torch evaluation to a few 1e-6 of |v| (tanh through the
 sigmoid costs ~1e-7 absolute, i.e. ~cap * 1e-7 on a score: the same order as torch's own fp32 error
 against fp64).
 
-Not done: no split over keys (flash-decoding). At decode the grid is B * Hkv programs (8 for one
+Not done: no split over keys (flash-decoding). The backward's tiles are untuned guesses that compile
+without spills at Grok-1 shapes (bf16 dK/dV at the 255-register limit); no double backward. At decode the grid is B * Hkv programs (8 for one
 sequence), each streaming its kv head's keys up to the position: fewer CTAs than an H100 has SMs,
 so one sequence cannot reach full HBM bandwidth. Tiles are untuned; nothing has run on a GPU yet.
 """

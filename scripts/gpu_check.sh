@@ -8,7 +8,8 @@
 #     device run, carry [".gpu"], command "bash scripts/gpu_check.sh"
 #
 # Runs: the GPU-only tests (bf16 MoE kernels vs the reference, the flash-attention and int8-linear
-# kernels at Grok-1 shapes in fp32 and bf16, the released int8/bf16 model on the Triton kernels vs
+# kernels at Grok-1 shapes in fp32 and bf16, the flash-attention backward (dq, dk, dv) at Grok-1 heads
+# in fp32 and bf16 vs the dense / reference autograd (test_backward_grok_shapes_on_gpu), the released int8/bf16 model on the Triton kernels vs
 # the official fixture, the captured decode step replaying the eager tokens with no sync, the
 # device_map splits on every visible GPU), then
 # bench_moe.py, bench_generate.py, bench_parallel.py (decode ms/token per split on the GPUs) and

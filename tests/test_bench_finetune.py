@@ -73,3 +73,11 @@ def test_grok1_estimate_arithmetic():
     assert est["devices"][0]["terms"]["loss-chunk logits [1024,V] fp32 x 2"] == 2 * 1024 * 131072 * 4  # --loss-chunk
     assert est["verdict"].startswith("FITS" if est["fits"] else "DOES NOT FIT")
     assert bench.visited_tile_area(256, 48) == 256 * 256  # one query block, one key block
+    # the attention core: the Triton flash kernels save q, out [T, 48, 128], k, v [T, 8, 128] fp32, the
+    # row log-sum-exp [T, 48] fp32, q_pos int64 and key_valid bool (no score tile); or the reference's tiles
+    flash = est["layer"]["attention core (Triton: q, k, v, out, lse)"]
+    assert flash == 4 * 4096 * (2 * 48 * 128 + 2 * 8 * 128 + 48) + 9 * 4096 and est["attention"] == "triton"
+    ref = bench.grok1_lora_estimate(probe=probe, attention="torch")
+    tiles = ref["layer"]["attention core (reference: score tiles)"]
+    assert tiles > 0 and ref["devices"][1]["total"] - est["devices"][1]["total"] == pytest.approx(tiles - flash)
+    assert "Triton flash kernels" in bench.estimate_markdown(est) and "blockwise reference" in bench.estimate_markdown(ref)

@@ -16,8 +16,6 @@ Exports are resolved lazily so that ``import grok_torch.config`` (the converter,
 does not pay for importing torch.
 """
 import importlib
-import sys
-import types
 
 from grok_torch.config import CONFIGS, GrokConfig
 
@@ -32,21 +30,10 @@ __all__ = ["CONFIGS", "GrokConfig", *_LAZY]
 
 def __getattr__(name):
     if name in _LAZY:
-        value = getattr(importlib.import_module(f"grok_torch.{_LAZY[name]}"), name)
-        # importing grok_torch.generate binds the *module* to the name `generate`; the function wins
+        module = importlib.import_module(f"grok_torch.{_LAZY[name]}")
+        # `generate` is the submodule itself, callable as its generate() function (see
+        # grok_torch.generate._CallableModule): importing the submodule binds it here under that name
+        value = module if name == "generate" else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'grok_torch' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name, value):
-        # the first import of the submodule grok_torch.generate (``from grok_torch.generate import
-        # stream``, ``Grok.generate``) binds it on the package as ``generate``: the function wins, so
-        # that ``from grok_torch import generate`` is the function whatever was imported before
-        if name == "generate" and isinstance(value, types.ModuleType):
-            value = value.generate
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

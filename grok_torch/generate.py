@@ -13,6 +13,8 @@ Unlike the official runner (fixed ``max_len`` tokens, no stop), rows stop at EOS
 from __future__ import annotations
 
 import numbers
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Union
 
@@ -313,3 +315,18 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: Optio
         streamer.end()
     return torch.cat([ids.long(), torch.tensor(new, dtype=torch.long, device=ids.device).T.reshape(len(prompts), -1)],
                      dim=1)
+
+
+class _CallableModule(types.ModuleType):
+    """``grok_torch.generate`` is this module and, called, its ``generate`` function.
+
+    A package's attribute named after a submodule is that submodule once it is imported, so
+    ``from grok_torch import generate`` and ``import grok_torch.generate`` must name one object:
+    ``generate(model, prompts, ...)`` calls the function, ``grok_torch.generate.stream`` /
+    ``.generate_ids`` are this module's, whichever import came first."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

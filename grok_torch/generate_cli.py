@@ -27,7 +27,8 @@ __all__ = ["main"]
 
 DEFAULT_NEW_TOKENS = 100
 # the library's parameter names, as this CLI's flags, in the errors it prints
-_FLAGS = re.compile(r"\b(max_new_tokens|temperature|top_p|top_k|prefill_chunk)\b")
+# a parameter name standing alone, never one inside a path or a longer name (/data/top_k-runs)
+_FLAGS = re.compile(r"(?<![\w/.-])(max_new_tokens|temperature|top_p|top_k|prefill_chunk)(?![\w/.-])")
 
 
 def _parse_ids(s: str) -> List[int]:
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--prompt-ids", type=_parse_ids, help="prompt as token ids, e.g. 25,376,378")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: MODEL/tokenizer.model when present)")
+    p.add_argument("--tokenizer", help="tokenizer.model for --prompt and for decoding the output (default: "
+                   "MODEL/tokenizer.model, else Grok-1's, bundled). --prompt-ids prints ids unless --tokenizer is given")
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help=f"tokens to generate (default {DEFAULT_NEW_TOKENS}, or what the model's context leaves room for)")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature; 0 = greedy (default 1.0)")
@@ -201,6 +203,7 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
         if args.prompt is not None:
             check_tokenizer(tokenizer, config, hint="pass the model's own --tokenizer, or --prompt-ids")
         prompt = tokenizer.encode(args.prompt) if args.prompt is not None else args.prompt_ids
+        _check_prompt(prompt, config, args.prompt is not None)   # before the model loads (minutes on Grok-1)
         max_new_tokens = _max_new_tokens(args.max_new_tokens, len(prompt), config.max_seq_len, talk)
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         if expert_parallel:
@@ -241,16 +244,30 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
     return 0
 
 
+def _check_prompt(prompt: List[int], config, text: bool) -> None:
+    flag = "--prompt" if text else "--prompt-ids"
+    if not prompt:
+        raise ValueError(f"{flag} is empty: give at least one token")
+    bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+    if bad:
+        raise ValueError(f"{flag}: token id {bad[0]} is out of range [0, {config.vocab_size}) of this model's vocabulary")
+
+
 def _tokenizer(args, config):
-    """--tokenizer, else MODEL/tokenizer.model, else (for --prompt on a model of Grok-1's vocabulary)
-    the Grok-1 tokenizer bundled with the package; None where there is none (ids are printed)."""
+    """The tokenizer that decodes the output (and encodes --prompt); None: ids are printed.
+
+    --tokenizer if given. Else, for --prompt: MODEL/tokenizer.model, else (a model of Grok-1's
+    vocabulary) the Grok-1 tokenizer bundled with the package. --prompt-ids without --tokenizer:
+    none, ids in and ids out."""
     from grok_torch.tokenizer import BUNDLED_TOKENIZER, Tokenizer
 
     path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
-    if args.tokenizer or os.path.exists(path):
+    if args.tokenizer:
         return Tokenizer(path)
     if args.prompt is None:
         return None
+    if os.path.exists(path):
+        return Tokenizer(path)
     bundled = Tokenizer(BUNDLED_TOKENIZER)
     if bundled.vocab_size != config.vocab_size:
         raise ValueError(f"--prompt needs a tokenizer; none at {path} (pass --tokenizer or use --prompt-ids)")

@@ -32,6 +32,8 @@ def test_resolve_dtype_follows_accelerate(monkeypatch):
         resolve_dtype("fp32")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")      # accelerate's default: the model's own
     assert resolve_dtype(None) == "bf16" and resolve_dtype("fp32") == "fp32"
+    with pytest.raises(ValueError, match="--dtype must be bf16 or fp32, got 'fp16'"):   # before the accelerate check
+        resolve_dtype("fp16")
     for mp in ("fp16", "fp8"):
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", mp)
         with pytest.raises(ValueError, match=f"mixed precision '{mp}'.*not supported"):
@@ -80,3 +82,12 @@ def test_accelerate_mixed_precision_is_honoured(converted, corpus, tmp_path):
                          *_flags({**s, "output_dir": str(out)}), *extra], tmp_path)
         assert r.returncode != 0 and f"grok-finetune: {msg}" in r.stderr, r.stderr[-3000:]
         assert not out.exists()         # refused before anything is written
+
+
+def test_full_fine_tuning_of_a_bf16_checkpoint_warns_that_it_trains_bf16(converted, corpus, tmp_path):
+    from grok_torch.finetune.train import TrainConfig, finetune
+
+    s = dict(model=str(converted("bf16")), data=[str(corpus)], output_dir=str(tmp_path / "full"), seq_len=16,
+             max_steps=1, full=True, lr=1e-5, dtype="bf16", impl="torch", progress=False, plot=False)
+    with pytest.warns(UserWarning, match="are bf16, and so is their AdamW state.*grok-convert --dtype fp32"):
+        finetune(TrainConfig(**s))

@@ -250,3 +250,42 @@ def test_demo_model_says_its_output_is_random(converted, capsys, tmp_path):
     assert err.count("random") >= 1 and len(err.strip().splitlines()) == 1, err
     assert main(_ids(converted("int8"))) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_prompt_ids_print_ids_even_with_a_tokenizer_in_the_model_dir(converted, capsys, tmp_path):
+    """--prompt-ids: ids in, ids out (the README's example), though MODEL/tokenizer.model exists;
+    --tokenizer asks for text."""
+    from conftest import TOKENIZER, require
+
+    d = _copy(converted("int8"), tmp_path / "m")
+    shutil.copy(require(TOKENIZER, "Grok-1 tokenizer.model"), d / "tokenizer.model")
+    base = ["--model", str(d), "--prompt-ids", "25,376,378", "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(base) == 0
+    out = capsys.readouterr().out.strip()
+    assert all(x.isdigit() for x in out.split(",")) and len(out.split(",")) == 3, out
+    assert main(base + ["--tokenizer", str(TOKENIZER)]) == 0
+    assert not capsys.readouterr().out.strip().replace(",", "").isdigit()
+
+
+def test_flag_names_never_rewrite_a_path(capsys, tmp_path):
+    official = tmp_path / "runs-top_k" / "checkpoints"     # parameter names inside the path stay as they are
+    (official / "ckpt-0").mkdir(parents=True)
+    (official / "ckpt-0" / "tensor00000_000").write_bytes(b"\0")
+    _fails(capsys, ["--model", str(official), "--prompt-ids", "1"], str(official), "run grok-convert first")
+
+
+def test_bad_prompts_fail_before_the_model_loads(converted, capsys, monkeypatch, tmp_path):
+    from grok_torch.model import Grok
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the prompt was checked")
+
+    monkeypatch.setattr(Grok, "from_pretrained", classmethod(lambda cls, *a, **k: never()))
+    tiny = str(converted("int8"))
+    _fails(capsys, ["--model", tiny, "--prompt-ids", "1,999999"], "--prompt-ids: token id 999999 is out of range [0, 512)")
+    _fails(capsys, ["--model", tiny, "--prompt-ids", ""], "--prompt-ids is empty")
+    # a text prompt needs a model of the tokenizer's vocabulary: the config alone is read before loading
+    d = _copy(converted("int8"), tmp_path / "real-vocab")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": 131072}))
+    _fails(capsys, ["--model", str(d), "--prompt", ""], "--prompt is empty")

@@ -212,16 +212,30 @@ def test_generate_max_length_and_the_transformers_arguments_it_does_not_have(tin
         tiny.generate(ids, mask, max_new_tokens=2, repetition_penalty=1.1, min_new_tokens=1)
 
 
-def test_generate_method_leaves_the_package_function():
-    """Importing the submodule grok_torch.generate first (as Grok.generate does) binds it on the package;
-    ``from grok_torch import generate`` must still be the function (a fresh interpreter: no import before)."""
+@pytest.mark.parametrize("first", ["import grok_torch.generate", "from grok_torch.generate import stream",
+                                   "from grok_torch import Grok", "from grok_torch import generate"])
+def test_generate_is_the_function_and_the_module_whatever_was_imported_first(first):
+    """``from grok_torch import generate`` calls like the function, ``import grok_torch.generate as g`` is the
+    module (g.generate_ids, g.stream), in either import order (fresh interpreters)."""
     import subprocess
     import sys
 
-    code = ("import grok_torch.generate; from grok_torch.generate import stream; "
-            "from grok_torch import generate; assert callable(generate) and generate.__name__ == 'generate', generate")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    code = (f"{first}\n"
+            "import grok_torch.generate as g\n"
+            "from grok_torch import generate\n"
+            "from grok_torch.generate import generate as fn, generate_ids\n"
+            "assert g is generate and g.generate_ids is generate_ids and callable(g.stream), g\n"
+            "from grok_torch.config import GrokConfig\n"
+            "from grok_torch.model import Grok\n"
+            "import torch\n"
+            "torch.manual_seed(0)\n"
+            "m = Grok(GrokConfig.from_name('tiny', num_layers=1), dtype=torch.float32)\n"
+            "for p in m.parameters():\n"
+            "    torch.nn.init.normal_(p, std=0.02) if p.is_floating_point() else None\n"
+            "a = generate(m, [[5, 6]], 3, temperature=0)[0].tokens\n"
+            "assert a == fn(m, [[5, 6]], 3, temperature=0)[0].tokens and len(a) == 3, a\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 # ---- the tokenizer, alone and with generate ---------------------------------------------------

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List, Optional
 
@@ -126,7 +125,7 @@ def _train(argv: List[str]) -> int:
         data_parallel=not args.no_data_parallel, loss_chunk=args.loss_chunk,
         progress=not args.no_progress)
     res = finetune(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:    # several processes: rank 0 reports for the run
+    if res["rank"] != 0:    # several processes: rank 0 reports for the run
         return 0
     ev = res["eval"]
     procs = f", {res['world_size']} processes" if res["world_size"] > 1 else ""

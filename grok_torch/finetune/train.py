@@ -61,6 +61,7 @@ import resource
 import shutil
 import tempfile
 import time
+import warnings
 from datetime import timedelta
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -164,12 +165,15 @@ def resolve_dtype(dtype: Optional[str]) -> str:
     Mixed precision comes through accelerate as its users set it: ``accelerate launch --mixed_precision
     bf16`` (or ``accelerate config``) exports ACCELERATE_MIXED_PRECISION, read here. Grok-1's own bf16
     mode IS mixed precision, the release's: bf16 activations and experts, fp32 norms, router, attention
-    scores and softmax, plus fp32 adapters and AdamW state (the trainable parameters are never bf16).
+    scores and softmax, plus fp32 adapters and AdamW state (``full``: the checkpoint's own weights train
+    in their stored dtype, so a bf16 checkpoint's in bf16 with bf16 AdamW state, with a warning).
     accelerate's autocast is not used: it would run those fp32 parts in bf16 and leave the release's
     numerics. ``no`` (accelerate's default) leaves the model's precision alone, as accelerate does for
     a model loaded in bf16; fp16 and fp8 are refused (Grok-1 was trained and released in bf16, and its
     78.4x embedding scale overflows fp16); an explicit ``dtype`` that contradicts accelerate's bf16 too.
     """
+    if dtype not in (None, "bf16", "fp32"):
+        raise ValueError(f"--dtype must be bf16 or fp32, got {dtype!r}")
     mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
     if mp not in ("", "no", "bf16"):
         raise ValueError(f"accelerate's mixed precision {mp!r} (accelerate launch --mixed_precision / accelerate "
@@ -388,6 +392,12 @@ def _trainable(model, cfg: TrainConfig) -> List[torch.nn.Parameter]:
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
+    low = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
+    if low:
+        # no fp32 master copy: --full is for small configs, and an fp32 checkpoint gives fp32 weights
+        warnings.warn(f"--full trains {cfg.model}'s weights in their stored dtype: {len(low)} tensors ({low[0]}, ...) "
+                      "are bf16, and so is their AdamW state; for fp32 weights and optimizer state convert an fp32 "
+                      "checkpoint (grok-convert --dtype fp32)", stacklevel=2)
     return params
 
 
@@ -681,4 +691,4 @@ def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
         plot_losses(metrics.rows, out / "loss.png")
     evals = [r for r in metrics.rows if "eval_loss" in r]
     return {"steps": cfg.max_steps, "final_loss": row.get("loss"), "eval": evals[-1] if evals else None,
-            "output_dir": str(out), "dtype": cfg.dtype, "world_size": ranks.world, "trainable_parameters": sum(p.numel() for p in params), "data": stats.to_dict()}
+            "output_dir": str(out), "dtype": cfg.dtype, "world_size": ranks.world, "rank": ranks.rank, "trainable_parameters": sum(p.numel() for p in params), "data": stats.to_dict()}

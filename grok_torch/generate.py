@@ -15,6 +15,7 @@ from __future__ import annotations
 import numbers
 import sys
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Union
 
@@ -280,6 +281,7 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: Optio
         mask = mask.to(device=ids.device, dtype=torch.bool)
     if max_new_tokens is not None and max_length is not None:
         raise ValueError("model.generate: pass max_new_tokens or max_length (prompt + new), not both")
+    default_length = max_new_tokens is None and max_length is None
     if max_new_tokens is None:
         max_new_tokens = 100 if max_length is None else max_length - ids.shape[1]
         if max_length is not None and max_new_tokens < 1:
@@ -289,6 +291,15 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: Optio
     empty = [b for b, p in enumerate(prompts) if not p]
     if empty:
         raise ValueError(f"row {empty[0]} of attention_mask has no 1: that row has no prompt to continue")
+    room = cfg.max_seq_len - max(map(len, prompts)) + 1  # the last generated token is never fed back
+    if default_length and max_new_tokens > room >= 1:
+        # transformers warns and stops at the model's limit when its default length does not fit
+        warnings.warn(f"model.generate: generating at most {room} tokens, not the default {max_new_tokens}: the "
+                      f"model's context is {cfg.max_seq_len}", stacklevel=3)
+        max_new_tokens = room
+    elif max_length is not None and max_new_tokens > room:
+        raise ValueError(f"model.generate: max_length={max_length} is beyond the model's context of "
+                         f"{cfg.max_seq_len} (+1 for the last token, which is never fed back)")
     if do_sample:
         settings = dict(temperature=1.0 if temperature is None else temperature,
                         top_p=1.0 if top_p is None else top_p, top_k=top_k or 0)

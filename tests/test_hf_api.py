@@ -208,6 +208,11 @@ def test_generate_max_length_and_the_transformers_arguments_it_does_not_have(tin
         tiny.generate(ids, mask, max_new_tokens=2, num_beams=4)
     with pytest.raises(ValueError, match="num_return_sequences=2 is not supported: repeat the rows"):
         tiny.generate(ids, mask, max_new_tokens=2, num_return_sequences=2)
+    ctx = tiny.config.max_seq_len                                              # tiny: 64
+    with pytest.warns(UserWarning, match=f"generating at most {ctx - T + 1} tokens, not the default 100"):
+        assert tiny.generate(ids, mask).shape[1] <= ctx + 1
+    with pytest.raises(ValueError, match=f"max_length={ctx + 2} is beyond the model's context of {ctx}"):
+        tiny.generate(ids, mask, max_length=ctx + 2)
     with pytest.raises(TypeError, match="model.generate: unsupported argument.s. min_new_tokens, repetition_penalty"):
         tiny.generate(ids, mask, max_new_tokens=2, repetition_penalty=1.1, min_new_tokens=1)
 

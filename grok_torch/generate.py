@@ -239,7 +239,8 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: Optio
     """transformers' ``model.generate``: ``input_ids [B, T]`` -> LongTensor ``[B, T + T_new]`` (``Grok.generate``).
 
     Row b's prompt is ``input_ids[b]`` where ``attention_mask[b]`` is 1 (left padding from the
-    tokenizer: ``tok(texts, padding=True, return_tensors="pt")``; None: every position), so each row
+    tokenizer: ``tok(texts, padding=True, return_tensors="pt")``; None: every position that does not
+    hold ``pad_token_id``, as transformers infers it), so each row
     computes what ``generate(model, prompts)`` computes for it: the same tokens. The output keeps
     ``input_ids`` as given; ``T_new`` is the longest row's count; a row that produced an
     ``eos_token_id`` (default: the model's; an int or a list) is padded after it with ``pad_token_id``
@@ -270,7 +271,8 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: Optio
     if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise ValueError(f"input_ids must be an integer [batch, seq] tensor, got {ids.dtype} {tuple(ids.shape)}")
     if attention_mask is None:
-        mask = torch.ones_like(ids, dtype=torch.bool)
+        # as transformers: without a mask, the pad id marks padding (Grok-1 masks id 0 as a key anyway)
+        mask = ids != (cfg.pad_token_id if pad_token_id is None else int(pad_token_id))
     else:
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) else torch.tensor(_plain(attention_mask))
         mask = mask.reshape(ids.shape) if mask.numel() == ids.numel() and mask.dim() < 2 else mask

@@ -130,6 +130,8 @@ def test_generate_greedy_left_padded_equals_native(tiny):
     assert out.dtype == torch.long and out.shape == (3, ids.shape[1] + 6)
     assert torch.equal(out[:, :ids.shape[1]], ids)
     assert torch.equal(out[:, ids.shape[1]:], expected(native, ids.shape[1], eos={2}))
+    # without a mask the pad id (0) marks the padding, as transformers infers it
+    assert torch.equal(tiny.generate(ids, max_new_tokens=6), out)
     # one row without a mask: every position is the prompt
     assert torch.equal(tiny.generate(torch.tensor(PROMPTS[:1]), max_new_tokens=6)[0, 3:], torch.tensor(native[0]))
 

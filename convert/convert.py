@@ -549,6 +549,9 @@ def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dt
 
 
 def _source_config(path: Path) -> GrokConfig:
+    # hostile input (it came with the download): from_json opens it with open_regular (a FIFO swapped
+    # in after the is_file() above is refused, not waited on), reads at most 1 MiB and checks every
+    # field's type and range, so each problem is a ValueError/OSError naming the file: one line here
     try:
         return GrokConfig.from_json(path)
     except (ValueError, OSError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -202,6 +203,60 @@ def test_detection_names_the_file_that_does_not_fit(synth, tmp_path, damage):
     assert name in msg and "closest is 'tiny'" in msg, msg
     assert len(msg.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A crafted config.json beside ckpt-0 (checkpoints are downloaded: the file is hostile input)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def crafted(tmp_path):
+    """crafted(changes) -> a 1-layer checkpoint whose config.json beside ckpt-0 has ``changes``."""
+    def make(changes):
+        src = tmp_path / "src"
+        write_checkpoint(src, ONE_LAYER)
+        (src / "config.json").write_text(json.dumps({**ONE_LAYER.to_dict(), **changes}))
+        return src
+    return make
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"num_layers": 3_000_000}, "num_layers must be in [1, 1024], got 3000000"),      # once minutes and 13 GB
+    ({"num_layers": 100_000_000}, "num_layers must be in [1, 1024]"),                 # once a MemoryError
+    ({"num_layers": "12"}, "num_layers must be an integer, got '12' (string)"),
+    ({"num_layers": None}, "num_layers must be an integer, got None (null)"),
+    ({"num_kv_heads": 0}, "num_kv_heads must be in [1, 1024], got 0"),                # once ZeroDivisionError
+    ({"\x1b[2J\x1b[31mx\ngrok-convert: wrote 1 shard(s)": 1}, "unknown GrokConfig field(s): '\\x1b[2J"),
+], ids=["layers-3M", "layers-100M", "layers-str", "layers-null", "kv-heads-0", "escapes-in-a-name"])
+def test_crafted_config_beside_the_checkpoint_is_one_line(crafted, tmp_path, changes, says):
+    src, out = crafted(changes), tmp_path / "out"
+    r = _cli(src, out, "--quiet", timeout=60)
+    assert r.returncode == 1 and r.stdout == "", r
+    _one_line(r.stderr)
+    assert "\x1b" not in r.stderr and r.stderr.startswith(f"grok-convert: error: {src / 'config.json'}: "), r.stderr
+    assert says in r.stderr and "pass --config" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_config_beside_the_checkpoint_is_read_only_if_small_and_regular(crafted, tmp_path, monkeypatch, capsys):
+    from test_config import _unblock_readers
+
+    src, out = crafted({}), tmp_path / "out"
+    cfg = src / "config.json"
+    cfg.write_text(" " * (2 << 20) + cfg.read_text())      # valid JSON, but no config is 2 MiB
+    assert cli.main([str(src), str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert f"{cfg}: larger than 1024 KiB" in err and not out.exists()
+    # a FIFO swapped in after convert_checkpoint looked (is_file() said a file): refused, not a hang
+    cfg.unlink()
+    os.mkfifo(cfg)
+    real_is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda p: p == cfg or real_is_file(p))
+    _unblock_readers(cfg)
+    assert cli.main([str(src), str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert f"{cfg}: not a regular file but a FIFO" in err and not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------

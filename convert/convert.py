@@ -437,6 +437,10 @@ def _tokenizer_size(p: Path) -> int:
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool, plan_key: str, keep: Optional[Path] = None) -> Dict[str, dict]:
     """Returns the shards already finished (resume) after checking OUT may be written."""
+    if out.is_symlink() and not out.exists():
+        raise ConvertError(f"OUT {out} is a dangling symlink: remove it or choose another OUT directory")
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"OUT {out} is a file, not a directory: choose another OUT (a new or empty directory)")
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE
     entries = [p for p in out.iterdir()]

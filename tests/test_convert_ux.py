@@ -392,3 +392,18 @@ def test_synthetic_ctrl_c_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, 
     assert synthetic.main([str(tmp_path / "dst"), "--config", "tiny"]) == 130
     _one_line(capsys.readouterr().err)
     assert not (tmp_path / "dst").exists()
+
+
+def test_out_that_is_a_file_or_a_dangling_symlink_is_one_line(tmp_path):
+    from grok_torch.convert.convert import ConvertError, convert_checkpoint
+    from grok_torch.convert.synthetic import write_checkpoint
+
+    src = tmp_path / "src"
+    write_checkpoint(src, "tiny")
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConvertError, match="is a file, not a directory"):
+        convert_checkpoint(src, tmp_path / "afile", quiet=True)
+    with pytest.raises(ConvertError, match="is a dangling symlink"):
+        convert_checkpoint(src, tmp_path / "dangling", quiet=True)
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "nowhere").exists()

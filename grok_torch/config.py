@@ -51,14 +51,15 @@ _INT_LIMITS: Dict[str, Tuple[int, int]] = {
     "residual_mlp_size": (0, 2 ** 20),   # 0 = none
     "attn_temperature_len": (0, 2 ** 22),  # 0 = off
 }
-# Floats must be finite (JSON allows NaN, Infinity and 1e999); those a size or a division depends on
-# are positive too. None: any finite value (the multipliers only scale activations).
-_FLOAT_MIN_EXCLUSIVE: Dict[str, Optional[float]] = {
-    "widening_factor": 0.0, "embedding_multiplier": None, "output_multiplier": None,
-    "attn_output_multiplier": None, "attn_logit_cap": 0.0, "rms_norm_eps": 0.0, "rope_base": 0.0,
-    "router_logit_softcap": 0.0, "final_logit_softcap": 0.0,   # Optional: None = off
+# Floats must be finite (JSON allows NaN, Infinity and 1e999) and in (lo, hi]: a finite but absurd
+# multiplier (1e300) overflows fp32 activations into inf and NaN as surely as an infinite one.
+# Grok-1's values: widening 8, multipliers 78.4 / 0.577 / 0.0884, cap 30, eps 1e-5, RoPE base 1e4
+# (Grok-2's 2.1e8); softcaps are Optional (None = off).
+_FLOAT_RANGES: Dict[str, Tuple[float, float]] = {
+    "widening_factor": (0.0, 1024.0), "embedding_multiplier": (0.0, 1e4), "output_multiplier": (0.0, 1e4),
+    "attn_output_multiplier": (0.0, 1e4), "attn_logit_cap": (0.0, 1e4), "rms_norm_eps": (0.0, 0.1),
+    "rope_base": (1.0, 1e12), "router_logit_softcap": (0.0, 1e4), "final_logit_softcap": (0.0, 1e4),
 }
-_MAX_WIDENING_FACTOR = 1024.0   # Grok-1: 8; ffn_size's own cap bounds the product anyway
 _MAX_QUANT_GROUPS = 65536       # scale groups per projection (released: 1 or 8)
 # The sizes a config implies: parameters (what loading allocates) and one sequence's KV cache at the
 # full context (what generation may allocate). Grok-1: 3.2e11 (2**38.2) and 1.1e9 elements.
@@ -149,11 +150,11 @@ class GrokConfig:
         for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
             if getattr(self, name) >= self.vocab_size:
                 raise ValueError(f"{name} must be below vocab_size ({self.vocab_size}), got {getattr(self, name)}")
-        # each projection's K rows split into G equal scale groups (SPEC §5.3)
+        # each int8 projection's K rows split into G equal scale groups (SPEC §5.3); float weights have none
         k_dims = {"wq": self.d_model, "wk": self.d_model, "wv": self.d_model, "wo": self.q_size,
                   "w1": self.d_model, "w3": self.d_model, "w2": self.ffn_size}
         for name, k in k_dims.items():
-            if k % self.quant_groups[name]:
+            if self.weight_format == "int8" and k % self.quant_groups[name]:
                 raise ValueError(f"quant_groups[{name!r}] ({self.quant_groups[name]}) must divide the projection's "
                                  f"input size {k}")
         params, kv = self.num_parameters(), self.num_layers * self.max_seq_len * 2 * self.kv_size
@@ -187,9 +188,9 @@ class GrokConfig:
                     finite = False
                 if not finite:
                     raise ValueError(f"{f.name} must be finite, got {_show(v)}")
-                low = _FLOAT_MIN_EXCLUSIVE[f.name]
-                if low is not None and not v > low:
-                    raise ValueError(f"{f.name} must be > {low:g}, got {_show(v)}")
+                lo, hi = _FLOAT_RANGES[f.name]
+                if not lo < v <= hi:
+                    raise ValueError(f"{f.name} must be in ({lo:g}, {hi:g}], got {_show(v)}")
             elif kind == "bool":
                 if not isinstance(v, bool):
                     raise ValueError(f"{f.name} must be true or false, got {_show(v)}")
@@ -209,8 +210,8 @@ class GrokConfig:
         for name, n in g.items():
             if _kind(n) != "int" or not 1 <= n <= _MAX_QUANT_GROUPS:
                 raise ValueError(f"quant_groups[{name!r}] must be an integer in [1, {_MAX_QUANT_GROUPS}], got {_show(n)}")
-        if self.widening_factor > _MAX_WIDENING_FACTOR:
-            raise ValueError(f"widening_factor must be at most {_MAX_WIDENING_FACTOR:g}, got {_show(self.widening_factor)}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs of dimensions), got {self.head_dim}")
 
     # ---- derived sizes ----
     @property

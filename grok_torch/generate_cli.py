@@ -96,7 +96,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _main_distributed(args)
     try:
         return _run(args)
-    except (ValueError, TypeError, OSError) as e:  # OSError: FileNotFoundError, NotADirectoryError, ...
+    # OSError: FileNotFoundError, NotADirectoryError, ...; NotImplementedError: a config switch this
+    # port does not run (e.g. Grok-2's untied head)
+    except (ValueError, TypeError, OSError, NotImplementedError) as e:
         print(f"grok-generate: {_one_line(e)}", file=sys.stderr)
         return 2
 

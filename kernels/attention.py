@@ -151,10 +151,14 @@ def attention_reference(q, k, v, q_pos, key_valid, *, scale: float, cap: float, 
 
 def attention(q, k, v, q_pos, key_valid, *, scale: float, cap: float, precision: str = "fp32",
               causal_offset: Optional[int] = None, impl: str = "auto") -> torch.Tensor:
-    """Grok-1 attention (module docstring): fp32 ``[B, T, Hq, dh]``; impl "auto" | "torch" | "triton"."""
+    """Grok-1 attention (module docstring): fp32 ``[B, T, Hq, dh]``; impl "auto" | "torch" | "triton".
+
+    Under autograd the Triton path is first-order only (no double backward, no functorch
+    transforms): use ``impl="torch"`` for those."""
     from . import resolve_impl  # the package's one rule for "auto" (and its GROK_MOE_IMPL override)
 
-    if resolve_impl(impl, q) == "torch":
+    # "auto" keeps the reference where the kernels do not go: fp64 / fp16 queries (gradcheck, tests)
+    if resolve_impl(impl, q) == "torch" or (impl == "auto" and q.dtype not in (torch.float32, torch.bfloat16)):
         return attention_reference(q, k, v, q_pos, key_valid, scale=scale, cap=cap, precision=precision,
                                    causal_offset=causal_offset)
     # the kernels bound their key loops on the device: causal_offset is not needed

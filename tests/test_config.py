@@ -86,6 +86,9 @@ def _fails_on_one_line(d, field):
     ("quant_groups", [1] * 7), ("quant_groups", {"wq": 1}), ("quant_groups", {**QUANT_GROUPS, "wx": 1}),
     ("quant_groups", {**QUANT_GROUPS, "wo": 0}), ("quant_groups", {**QUANT_GROUPS, "wo": "8"}),
     ("quant_groups", {**QUANT_GROUPS, "w2": 5}), ("quant_groups", {**QUANT_GROUPS, "wq": 1 << 20}),
+    # finite but absurd: they overflow fp32 activations to inf / NaN (grok-generate crashed, training went NaN)
+    ("embedding_multiplier", 1e300), ("output_multiplier", 1e5), ("attn_output_multiplier", -0.1),
+    ("rope_base", 1e-300), ("rms_norm_eps", 0.5), ("attn_logit_cap", 1e30), ("head_dim", 127),   # odd: RoPE pairs
 ], ids=lambda v: ascii(v)[:24])
 def test_each_field_is_checked_for_type_and_range(field, value):
     msg = _fails_on_one_line(_grok1(**{field: value}), field)
@@ -103,6 +106,12 @@ def test_each_field_is_checked_for_type_and_range(field, value):
 ])
 def test_derived_sizes_are_capped(changes, words):
     _fails_on_one_line(_grok1(**changes), words)
+
+
+def test_float_weights_need_no_scale_groups():
+    # an fp32 / bf16 checkpoint holds no scales, so an ffn_size the int8 groups do not divide is fine there
+    GrokConfig.from_name("tiny", ffn_size=100, weight_format="fp32")
+    _fails_on_one_line({**GrokConfig.from_name("tiny").to_dict(), "ffn_size": 100}, "quant_groups['w2']")
 
 
 def test_every_named_config_and_the_defaults_pass():

@@ -223,3 +223,19 @@ def test_device_map_ffn_follows_the_one_device_run(converted, corpus, tmp_path, 
     assert min(norms[0]) > 0.5 and max(abs(a - b) / a for a, b in zip(*norms)) < 1e-5, norms  # clipped; copies once
     groups = replicated_copies(models[1])
     assert groups and all(torch.equal(p, g[0]) for g in groups for p in g[1:])
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_update(converted, corpus, tmp_path, monkeypatch):
+    real = train_mod.lm_loss_sum
+    calls = []
+
+    def diverging(*a, **k):
+        calls.append(1)
+        out = real(*a, **k)
+        return out * float("nan") if len(calls) == 3 else out     # the third step's loss is NaN
+
+    monkeypatch.setattr(train_mod, "lm_loss_sum", diverging)
+    with pytest.raises(ValueError, match=r"step 3: the loss is nan .* lower --lr"):
+        finetune(cfg(converted, corpus, tmp_path / "o", max_steps=5, save_every=2))
+    assert len(losses(tmp_path / "o")) == 2                       # steps 1-2 logged, step 3 refused
+    assert (tmp_path / "o" / "checkpoint-2").is_dir()

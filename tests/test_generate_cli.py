@@ -289,3 +289,10 @@ def test_bad_prompts_fail_before_the_model_loads(converted, capsys, monkeypatch,
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": 131072}))
     _fails(capsys, ["--model", str(d), "--prompt", ""], "--prompt is empty")
+
+
+def test_a_config_switch_this_port_does_not_run_is_one_line(converted, capsys, tmp_path):
+    d = _copy(converted("int8"), tmp_path / "untied")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    _fails(capsys, _ids(d), "tie_word_embeddings", "not implemented")

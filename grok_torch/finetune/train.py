@@ -660,6 +660,10 @@ def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
                 parts["aux_loss"] += report[1] / cfg.grad_accum
                 parts["z_loss"] += report[2] / cfg.grad_accum
             (loss / cfg.grad_accum).backward()
+        if not math.isfinite(sum(parts.values())):   # the same sums on every rank: all stop together
+            raise ValueError(f"step {step + 1}: the loss is {sum(parts.values())} (the run diverged, or the model "
+                             "computes non-finite values): lower --lr or raise --warmup-steps; the adapters were not "
+                             "updated with it, and the newest checkpoint in OUT can be resumed")
         if dp:
             _sum_replicated_grads(params, local, ranks)
         sync_replicated_grads(model)  # device_map="ffn": each replicated adapter's copies get their sum

@@ -251,7 +251,7 @@ def gpu_note(row: str, impl: str) -> str:
         return ""
     if SPEC[row][1] is None:
         return "all Triton (int8 GEMM, flash attention, fused MoE)"
-    moe = ("MoE base + expert LoRA: reference (no Triton adapters yet)" if SPEC[row][1] == "lora"
+    moe = ("MoE base + expert LoRA: Triton fwd + bwd (adapter dropout: reference)" if SPEC[row][1] == "lora"
            else "MoE: Triton fwd + bwd")
     return f"projections: Triton GEMM; attention core: Triton flash fwd + bwd; {moe}"
 

@@ -51,7 +51,9 @@ def traffic_rows(cfg: GrokConfig, worlds=(2, 4, 8)) -> list:
         floors = plan_memory(cfg, gpus=n, gpu_mem="1TB", split="experts").decode_floor_s
         rows.append({
             "world": n,
-            "experts a2a (procs)": 2 * k * D * 4 * remote + D * 4 * remote,  # rows there + back, then all_gather of the share
+            # per token of the batch, as the all-reduce: the rank's own T/W tokens' k rows go out and come
+            # back (the remote share of them), then the all_gather of the [T/W, D] share
+            "experts a2a (procs)": 2 * k * D * 4 * remote / n + D * 4 * remote,
             "ffn all-reduce (procs)": 2 * D * 4 * remote,
             "device_map (1 proc)": 2 * D * 4 * (n - 1),                     # x to each other shard, partial back
             "floor experts ms": floors["experts"] * 1e3,

@@ -394,7 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="DIR", help="converted model directory (reads DIR/config.json)")
-    src.add_argument("--config", metavar="NAME|JSON", help="grok-1, tiny, or a config.json path")
+    src.add_argument("--config", metavar="NAME|JSON", help="grok-1, tiny, demo, or a config.json path")
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs (default 8)")
     p.add_argument("--gpu-mem", default="80GB", help="memory per GPU: 80GB (=80e9), 79.6GiB, 81920MiB, bytes (default 80GB)")
     p.add_argument("--dtype", choices=WEIGHT_FORMATS, help="weight format (default: the config's weight_format)")

@@ -56,6 +56,19 @@ def test_text_finetune_on_the_demo_model(demo, tmp_path, capsys):
     assert base.strip() and tuned.strip() and tuned != base
 
 
+def test_text_without_a_tokenizer_in_the_model_dir_uses_the_bundled_one(demo, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(demo, bare)
+    (bare / "tokenizer.model").unlink()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(LINES) + "\n")
+    assert finetune_main(["--model", str(bare), "--data", str(corpus), "--output-dir", str(tmp_path / "ft"),
+                          "--seq-len", "16", "--max-steps", "1", "--dtype", "fp32", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+
+
 def test_prompt_completion_text_on_the_demo_model(demo, tmp_path, capsys):
     data = tmp_path / "pc.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q: {line[:12]}", "completion": line[12:]}) + "\n"

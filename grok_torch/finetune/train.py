@@ -401,13 +401,18 @@ def _trainable(model, cfg: TrainConfig) -> List[torch.nn.Parameter]:
     return params
 
 
-def _tokenizer(cfg: TrainConfig):
+def _tokenizer(cfg: TrainConfig, vocab_size: int):
+    """--tokenizer, else MODEL/tokenizer.model, else (a model of Grok-1's vocabulary) the Grok-1
+    tokenizer bundled with the package, as grok-generate; None: only input_ids files can be read."""
     from grok_torch.tokenizer import Tokenizer
 
     path = cfg.tokenizer or os.path.join(cfg.model, "tokenizer.model")
     if cfg.tokenizer and not os.path.isfile(path):
         raise FileNotFoundError(f"--tokenizer {path} does not exist")
-    return Tokenizer(path) if os.path.isfile(path) else None
+    if os.path.isfile(path):
+        return Tokenizer(path)
+    bundled = Tokenizer()
+    return bundled if bundled.vocab_size == vocab_size else None
 
 
 def _evaluate(model, data, device, batch_size) -> dict:
@@ -610,7 +615,8 @@ def _finetune(cfg: TrainConfig, ranks: _Ranks) -> dict:
         from grok_torch.parallel.distributed import set_tokens
 
         set_tokens(model, "local")
-    train, evalset, stats = load_corpus(cfg.data, _tokenizer(cfg), seq_len=cfg.seq_len, vocab_size=mcfg.vocab_size,
+    tokenizer = _tokenizer(cfg, mcfg.vocab_size)
+    train, evalset, stats = load_corpus(cfg.data, tokenizer, seq_len=cfg.seq_len, vocab_size=mcfg.vocab_size,
                                         eos_id=mcfg.eos_token_id, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
                                         max_seq_len=mcfg.max_seq_len, format=cfg.data_format,
                                         batch_size=cfg.batch_size, rank=ranks.rank if dp else 0,

@@ -538,7 +538,7 @@ def convert_checkpoint(src: "str | os.PathLike", out: "str | os.PathLike", *, dt
     plan_key = hashlib.sha256(json.dumps([options, cfg.to_dict(), source_files, mtimes],
                                          sort_keys=True).encode()).hexdigest()
 
-    created = [d for d in (out, *out.parents) if not d.exists()]      # deepest first
+    created = missing_dirs(out)
     done = _prepare_out(out, resume, overwrite, plan_key, keep=tok)
     state = {"plan_key": plan_key, "done": dict(done)}
     try:
@@ -562,16 +562,27 @@ def _source_config(path: Path) -> GrokConfig:
         raise ConvertError(f"{e} (read as the config of the checkpoint beside it): fix it, or pass --config") from None
 
 
-def _remove_ours(out: Path, created: Sequence[Path], keep: Optional[Path]) -> None:
-    if out.is_dir():
-        for p in out.iterdir():
-            if p.is_file() and _OUR_FILES.match(p.name) and not (keep and p.resolve() == keep.resolve()):
-                p.unlink(missing_ok=True)
+def missing_dirs(path: Path) -> List[Path]:
+    """``path`` and its parents that do not exist yet, deepest first: what a run may remove on failure."""
+    return [d for d in (path, *path.parents) if not d.exists()]
+
+
+def remove_empty_dirs(created: Sequence[Path]) -> None:
+    """Remove the directories a failed run created (``missing_dirs``, deepest first), stopping at the
+    first that holds something: a user's file there is never touched."""
     for d in created:
         try:
             d.rmdir()
         except OSError:          # not empty (someone else's file) or already gone
             break
+
+
+def _remove_ours(out: Path, created: Sequence[Path], keep: Optional[Path]) -> None:
+    if out.is_dir():
+        for p in out.iterdir():
+            if p.is_file() and _OUR_FILES.match(p.name) and not (keep and p.resolve() == keep.resolve()):
+                p.unlink(missing_ok=True)
+    remove_empty_dirs(created)
 
 
 def _convert_into(out: Path, ckpt: Path, cfg: GrokConfig, specs, refs, shards, source_files, options, tok,

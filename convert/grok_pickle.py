@@ -30,6 +30,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple, Union
 
+from grok_torch.config import quote_untrusted
 from grok_torch.convert.safetensors_io import ITEMSIZE
 
 # Payloads at least this large are skipped (offset recorded), smaller ones are read in memory.
@@ -147,16 +148,11 @@ class _Mark:
 _MARK = _Mark()
 
 
-def _quote(text: str, limit: int = 60) -> str:
-    """``text`` from a file, safe to print: quoted, ASCII-escaped (no control bytes), cut to ``limit``."""
-    return ascii(text[:limit]) + ("..." if len(text) > limit else "")
-
-
 def _describe(v: Any) -> str:
     """A short description of a value from a file. Never its repr: a shared tuple can have a
     repr of gigabytes, and a string can carry terminal escapes."""
     if isinstance(v, str):
-        return f"the string {_quote(v)}"
+        return f"the string {quote_untrusted(v)}"
     if isinstance(v, _Global):
         return v.qualname                            # allow-listed, so plain ASCII
     if isinstance(v, (bytes, _Payload)):
@@ -342,7 +338,7 @@ class _Reader:
         kind = ALLOWED_GLOBALS.get((module, name))
         if kind is None:
             raise UnsafePickleError(
-                f"{self.path}: refusing to load: the pickle references the global {_quote(module + '.' + name)}, "
+                f"{self.path}: refusing to load: the pickle references the global {quote_untrusted(module + '.' + name)}, "
                 f"which is not one an official Grok-1 checkpoint uses (allowed: "
                 f"{', '.join(sorted(m + '.' + n for m, n in ALLOWED_GLOBALS))}). Nothing was executed. "
                 f"The file is corrupt, not a Grok-1 checkpoint, or malicious.")

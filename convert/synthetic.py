@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence
 
 from grok_torch.config import GrokConfig
+from grok_torch.convert.convert import missing_dirs, remove_empty_dirs
 from grok_torch.convert.safetensors_io import ITEMSIZE
 from grok_torch.convert.weight_map import ParamSpec, param_order
 from grok_torch.tokenizer import BUNDLED_TOKENIZER
@@ -148,7 +149,7 @@ def write_checkpoint(dst: "str | os.PathLike", config: "str | GrokConfig" = "dem
             if p.is_file() and _OUR_FILES.match(p.relative_to(root).as_posix()):
                 p.unlink()
     ckpt = root / "ckpt-0"
-    created_dirs = [d for d in (ckpt, root, *root.parents) if not d.exists()]     # deepest first
+    created_dirs = missing_dirs(ckpt)
     written: list = []
     try:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -171,11 +172,7 @@ def write_checkpoint(dst: "str | os.PathLike", config: "str | GrokConfig" = "dem
         # nothing half-written: a checkpoint missing its last files would convert as "files missing"
         for f in written:
             f.unlink(missing_ok=True)
-        for d in created_dirs:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_empty_dirs(created_dirs)
         raise
     return ckpt
 

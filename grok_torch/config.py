@@ -70,10 +70,16 @@ _SHOW = 60                      # characters of a bad value or name shown in a m
 _MAX_NAMES_SHOWN = 5            # unknown field names listed in a message
 
 
+def quote_untrusted(text: str, limit: int = _SHOW) -> str:
+    """Text from a (possibly hostile) file, safe to print: quoted, ASCII-escaped (no control bytes,
+    no newline), cut to ``limit`` characters. Shared by the config and the checkpoint readers."""
+    return ascii(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def _show(value: Any, cut: int = _SHOW) -> str:
     """A value from a (possibly hostile) file for a one-line message: escaped, and cut short."""
     if isinstance(value, str) and len(value) > cut:
-        return ascii(value[:cut]) + f"... ({len(value)} characters)"
+        return quote_untrusted(value, cut) + f" ({len(value)} characters)"
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits"   # str() of a huge int is slow or refused
     s = ascii(value)

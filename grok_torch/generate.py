@@ -24,7 +24,7 @@ import torch
 from grok_torch.decode import DecodeStep, prefill, require_capturable
 from grok_torch.sampling import SampleSettings, sample
 
-__all__ = ["Generation", "stream", "generate", "generate_ids", "encode_prompts", "check_tokenizer"]
+__all__ = ["Generation", "stream", "generate", "generate_ids", "encode_prompts", "check_tokenizer", "new_token_room"]
 
 Prompt = Union[str, Sequence[int]]
 
@@ -145,6 +145,12 @@ def _text_pieces(steps, tokenizer, rows: int, eos: Optional[int], last_step: int
             piece = "" if t == eos else dec.push(t)
             out.append(piece + dec.flush() if t == eos or n == last_step else piece)
         yield out
+
+
+def new_token_room(config, prompt_len: int) -> int:
+    """How many new tokens fit after a prompt of ``prompt_len`` tokens in the model's context: the last
+    generated token is never fed back, so prompt + new - 1 positions are used."""
+    return config.max_seq_len - prompt_len + 1
 
 
 @torch.inference_mode()
@@ -293,7 +299,7 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: Optio
     empty = [b for b, p in enumerate(prompts) if not p]
     if empty:
         raise ValueError(f"row {empty[0]} of attention_mask has no 1: that row has no prompt to continue")
-    room = cfg.max_seq_len - max(map(len, prompts)) + 1  # the last generated token is never fed back
+    room = new_token_room(cfg, max(map(len, prompts)))
     if default_length and max_new_tokens > room >= 1:
         # transformers warns and stops at the model's limit when its default length does not fit
         warnings.warn(f"model.generate: generating at most {room} tokens, not the default {max_new_tokens}: the "

@@ -206,7 +206,7 @@ def _run(args, out: TextIO = None, device: Optional[str] = None, expert_parallel
             check_tokenizer(tokenizer, config, hint="pass the model's own --tokenizer, or --prompt-ids")
         prompt = tokenizer.encode(args.prompt) if args.prompt is not None else args.prompt_ids
         _check_prompt(prompt, config, args.prompt is not None)   # before the model loads (minutes on Grok-1)
-        max_new_tokens = _max_new_tokens(args.max_new_tokens, len(prompt), config.max_seq_len, talk)
+        max_new_tokens = _max_new_tokens(args.max_new_tokens, len(prompt), config, talk)
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         if expert_parallel:
             model = Grok.from_pretrained(args.model, dtype=dtype, device=device, impl=args.impl,
@@ -261,24 +261,24 @@ def _tokenizer(args, config):
     --tokenizer if given. Else, for --prompt: MODEL/tokenizer.model, else (a model of Grok-1's
     vocabulary) the Grok-1 tokenizer bundled with the package. --prompt-ids without --tokenizer:
     none, ids in and ids out."""
-    from grok_torch.tokenizer import BUNDLED_TOKENIZER, Tokenizer
+    from grok_torch.tokenizer import Tokenizer
 
-    path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
     if args.tokenizer:
-        return Tokenizer(path)
+        return Tokenizer(args.tokenizer)
     if args.prompt is None:
         return None
-    if os.path.exists(path):
-        return Tokenizer(path)
-    bundled = Tokenizer(BUNDLED_TOKENIZER)
-    if bundled.vocab_size != config.vocab_size:
-        raise ValueError(f"--prompt needs a tokenizer; none at {path} (pass --tokenizer or use --prompt-ids)")
-    return bundled
+    tokenizer = Tokenizer.for_model(args.model, config.vocab_size)
+    if tokenizer is None:
+        raise ValueError(f"--prompt needs a tokenizer; none at {os.path.join(args.model, 'tokenizer.model')} "
+                         "(pass --tokenizer or use --prompt-ids)")
+    return tokenizer
 
 
-def _max_new_tokens(asked: Optional[int], prompt_len: int, context: int, talk: bool) -> int:
+def _max_new_tokens(asked: Optional[int], prompt_len: int, config, talk: bool) -> int:
     """--max-new-tokens, checked against the context; the default is cut to what fits, with a note."""
-    room = context - prompt_len + 1  # the last generated token is never fed back
+    from grok_torch.generate import new_token_room
+
+    context, room = config.max_seq_len, new_token_room(config, prompt_len)
     if prompt_len > context:
         raise ValueError(f"the prompt is {prompt_len} tokens, more than the model's context of {context}: "
                          "shorten --prompt / --prompt-ids")

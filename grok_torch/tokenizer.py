@@ -71,6 +71,16 @@ class Tokenizer:
         """A model directory holding ``tokenizer.model`` (grok-convert copies it there), or the file."""
         return cls(path)
 
+    @classmethod
+    def for_model(cls, model_dir: Union[str, os.PathLike], vocab_size: int) -> "Optional[Tokenizer]":
+        """The tokenizer of a grok-convert directory: ``model_dir/tokenizer.model``, else, for a model
+        of Grok-1's vocabulary, the bundled Grok-1 tokenizer; None when neither fits."""
+        path = os.path.join(os.fspath(model_dir), "tokenizer.model")
+        if os.path.isfile(path):
+            return cls(path)
+        bundled = cls()
+        return bundled if bundled.vocab_size == vocab_size else None
+
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()

@@ -406,13 +406,11 @@ def _tokenizer(cfg: TrainConfig, vocab_size: int):
     tokenizer bundled with the package, as grok-generate; None: only input_ids files can be read."""
     from grok_torch.tokenizer import Tokenizer
 
-    path = cfg.tokenizer or os.path.join(cfg.model, "tokenizer.model")
-    if cfg.tokenizer and not os.path.isfile(path):
-        raise FileNotFoundError(f"--tokenizer {path} does not exist")
-    if os.path.isfile(path):
-        return Tokenizer(path)
-    bundled = Tokenizer()
-    return bundled if bundled.vocab_size == vocab_size else None
+    if cfg.tokenizer:
+        if not os.path.isfile(cfg.tokenizer):
+            raise FileNotFoundError(f"--tokenizer {cfg.tokenizer} does not exist")
+        return Tokenizer(cfg.tokenizer)
+    return Tokenizer.for_model(cfg.model, vocab_size)
 
 
 def _evaluate(model, data, device, batch_size) -> dict:
